@@ -1,0 +1,492 @@
+"""The run configuration: declared once, read by validate, render, submit, the worker and `schema`.
+
+Every field carries a docstring (pydantic turns it into the JSON Schema description, so editors
+show it). Cross-field rules live here as validators, next to the fields they relate.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _fail(loc_hint: str, message: str) -> PydanticCustomError:
+    """An error for a cross-field rule; `loc_hint` is the field path shown to the user."""
+    return PydanticCustomError("moe_orch_rule", "{field}: {msg}", {"field": loc_hint, "msg": message})
+
+
+class _Section(BaseModel):
+    # NOTE: extra="forbid" is what turns a typo into an error (with a did-you-mean added by
+    # orchestrator.configfile) instead of a silently ignored key.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=False)
+
+
+class ClusterConfig(_Section):
+    executor: Literal["local", "slurm"] = "local"
+    """Where the ranks run: `local` (submitit's local executor, one node) or `slurm`."""
+
+    nodes: Annotated[int, Field(ge=1)] = 1
+    """Number of nodes (`sbatch --nodes`)."""
+
+    tasks_per_node: Annotated[int, Field(ge=1)] = 1
+    """Ranks per node. On GPU clusters this is the number of GPUs per node (one rank per GPU)."""
+
+    gpus_per_node: Annotated[int, Field(ge=0)] = 0
+    """GPUs requested per node (`--gpus-per-node`); 0 means a CPU-only run."""
+
+    gpu_mem_gb: Annotated[float, Field(gt=0)] | None = None
+    """Memory of one GPU in GB (80 for an A100/H100 80GB). When set, `validate` refuses a run
+    whose estimated model-state memory per GPU exceeds it."""
+
+    cpus_per_task: Annotated[int, Field(ge=1)] = 1
+    """CPU cores per rank (`--cpus-per-task`)."""
+
+    mem_gb: Annotated[float, Field(gt=0)] | None = None
+    """Host memory per node in GB (`--mem`); unset leaves the partition's default."""
+
+    time_min: Annotated[int, Field(ge=1)] = 60
+    """Wall-clock limit of one attempt in minutes (`--time`). Longer runs continue by requeue."""
+
+    partition: str | None = None
+    """SLURM partition (`--partition`)."""
+
+    account: str | None = None
+    """SLURM account to charge (`--account`)."""
+
+    qos: str | None = None
+    """SLURM quality of service (`--qos`)."""
+
+    constraint: str | None = None
+    """SLURM node feature constraint (`--constraint`), e.g. `a100`."""
+
+    exclude: list[str] = Field(default_factory=list)
+    """Nodes never to run on (`--exclude`). `watch` adds nodes that failed an attempt."""
+
+    signal_delay_s: Annotated[int, Field(ge=0)] = 120
+    """Seconds before the time limit at which SLURM sends USR2 so every rank saves a checkpoint
+    (`--signal=USR2@N`). Should be at least twice the measured save time."""
+
+    max_failures: Annotated[int, Field(ge=0)] = 3
+    """How many failed attempts (crash, node failure, out of memory) are requeued before the run
+    stops as failed."""
+
+    max_preemptions: Annotated[int, Field(ge=0)] | None = None
+    """How many preemptions and time limits are requeued; unset means without limit."""
+
+    max_attempts_without_progress: Annotated[int, Field(ge=1)] = 3
+    """Consecutive attempts that end without a new optimizer step before the run stops as a
+    crash loop."""
+
+    setup: list[str] = Field(default_factory=list)
+    """Shell lines run on every node before the worker starts (module loads, venv activation).
+    They are written verbatim into sbatch.sh: they are the one place where shell is intended."""
+
+    env: dict[str, str] = Field(default_factory=dict)
+    """Extra environment variables for every rank. Values are quoted; they never run as shell."""
+
+    python: str | None = None
+    """Python interpreter on the compute nodes; unset means the interpreter running moe-orch."""
+
+    requeue: bool = True
+    """Let SLURM requeue the job (`--requeue`) after preemption, node failure or a save on signal."""
+
+    master_port: Annotated[int, Field(ge=1024, le=65535)] | None = None
+    """Rendezvous port; unset derives it from the job id so that two jobs on a node never collide."""
+
+    sbatch_extra: dict[str, str] = Field(default_factory=dict)
+    """Further `#SBATCH --key=value` options that have no field of their own (e.g. `mail-user`)."""
+
+    @field_validator("exclude", mode="before")
+    @classmethod
+    def _split_exclude(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part for part in value.split(",") if part]
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not ENV_NAME_RE.match(key):
+                raise ValueError(
+                    f"environment variable name {key!r} is not valid: use letters, digits and _"
+                )
+        return value
+
+    @field_validator("sbatch_extra")
+    @classmethod
+    def _sbatch_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not re.match(r"^[a-z][a-z0-9-]*$", key):
+                raise ValueError(f"sbatch option {key!r} must look like `mail-user` (no dashes in front)")
+        return value
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+class TinyModelConfig(_Section):
+    d_model: Annotated[int, Field(ge=8)] = 64
+    """Hidden size of the random tiny MPT."""
+
+    n_layers: Annotated[int, Field(ge=1)] = 2
+    """Number of transformer blocks."""
+
+    n_heads: Annotated[int, Field(ge=1)] = 4
+    """Attention heads; must divide `d_model`."""
+
+    expansion_ratio: Annotated[int, Field(ge=1)] = 4
+    """FFN width as a multiple of `d_model`."""
+
+    vocab_size: Annotated[int, Field(ge=260)] = 512
+    """Vocabulary size; the offline byte-level BPE tokenizer is trained to this size."""
+
+    max_seq_len: Annotated[int, Field(ge=8)] = 2048
+    """Longest sequence the model accepts (ALiBi, so only a bound)."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelConfig:
+        if self.d_model % self.n_heads:
+            raise _fail("model.tiny.n_heads", f"{self.n_heads} heads do not divide d_model {self.d_model}")
+        return self
+
+
+class ModelConfig(_Section):
+    name_or_path: str = "mosaicml/mpt-7b"
+    """A Hugging Face hub id (`mosaicml/mpt-7b`), a local folder holding an MPT, or `tiny` for a
+    random tiny MPT built from `model.tiny` (CPU tests and demos)."""
+
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    """Architecture of the random tiny MPT used when `name_or_path` is `tiny`."""
+
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load."""
+
+    trust_remote_code: bool = False
+    """Pass `trust_remote_code` when loading from the hub (needed by some MPT checkpoints)."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.name_or_path == "tiny"
+
+
+class MoeConfig(_Section):
+    enabled: bool = True
+    """Upcycle the FFNs into MoE layers. `false` trains the dense parent (the baseline)."""
+
+    num_experts: Annotated[int, Field(ge=1)] = 4
+    """Experts per MoE layer (all start as copies of the dense FFN: sparse upcycling)."""
+
+    top_k: Literal[1, 2] = 1
+    """Experts each token is routed to. 2 preserves the dense model's function at step 0."""
+
+    ep_size: Annotated[int, Field(ge=1)] = 1
+    """Expert-parallel size: experts of a layer are split over this many ranks."""
+
+    layers: Literal["all", "every_other"] | list[Annotated[int, Field(ge=0)]] = "all"
+    """Which blocks' FFNs become MoE: `all`, `every_other` (1, 3, 5, ...) or a list of indices."""
+
+    capacity_factor: Annotated[float, Field(gt=0)] = 1.0
+    """Expert capacity in training, as a multiple of tokens / experts."""
+
+    eval_capacity_factor: Annotated[float, Field(gt=0)] | None = None
+    """Expert capacity in evaluation; unset means `num_experts` (no token is dropped in eval)."""
+
+    min_capacity: Annotated[int, Field(ge=0)] = 4
+    """Smallest expert capacity, whatever the batch."""
+
+    drop_tokens: bool = True
+    """Drop tokens over capacity (`false`: capacity grows to fit every token)."""
+
+    aux_loss_weight: Annotated[float, Field(ge=0)] = 0.01
+    """Weight of the load-balancing loss added to the language-model loss."""
+
+    noisy_gate_policy: Literal["none", "Jitter", "RSample"] = "none"
+    """Noise added to the router in training (DeepSpeed's `noisy_gate_policy`)."""
+
+    implementation: Literal["deepspeed", "dropless"] = "deepspeed"
+    """`deepspeed`: the stock `deepspeed.moe.layer.MoE`. `dropless`: the worker's sort-based
+    dispatch (no capacity, no token dropped; `ep_size` 1 only)."""
+
+    @property
+    def eval_capacity(self) -> float:
+        return self.eval_capacity_factor if self.eval_capacity_factor is not None else float(self.num_experts)
+
+    def moe_layer_indices(self, n_layers: int) -> list[int]:
+        """Indices of the blocks whose FFN becomes an MoE layer."""
+        if not self.enabled:
+            return []
+        if self.layers == "all":
+            return list(range(n_layers))
+        if self.layers == "every_other":
+            return list(range(1, n_layers, 2))
+        return sorted(set(self.layers))
+
+
+class DataConfig(_Section):
+    train_file: str = "nq_annotated_moe.jsonl"
+    """Training JSONL: one `{"question", "answer", "expert_label"}` object per line. `answer` is a
+    string, a list of strings (joined with ", ") or `{"text": ...}`. Relative paths are resolved
+    against the config file's folder."""
+
+    eval_file: str | None = None
+    """Evaluation JSONL in the same format; unset holds out `eval_fraction` of the training file."""
+
+    eval_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    """Share of the training file held out for evaluation when there is no `eval_file`."""
+
+    max_samples: Annotated[int, Field(ge=1)] | None = None
+    """Use only the first N lines of the training file (quick tests)."""
+
+    max_seq_length: Annotated[int, Field(ge=8)] = 512
+    """Longest prompt + answer in tokens."""
+
+    max_target_length: Annotated[int, Field(ge=1)] = 128
+    """Longest answer in tokens; the prompt is cut first, so an answer is never dropped whole."""
+
+    tokenizer: str | None = None
+    """Tokenizer: unset uses the model's own (for `tiny`: a byte-level BPE trained on the training
+    data); `bpe` forces that offline BPE; anything else is a hub id or folder."""
+
+    prompt_template: str = "Question: {question}\nAnswer:"
+    """How a question becomes the prompt; the loss is on the answer tokens only."""
+
+    @field_validator("train_file", "eval_file")
+    @classmethod
+    def _resolve(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # NOTE: paths are resolved against the config file's folder (passed as validation context)
+        # so a config works from any working directory and run.yaml holds absolute paths.
+        if value is None:
+            return None
+        base = (info.context or {}).get("base_dir")
+        path = Path(value).expanduser()
+        if base is not None and not path.is_absolute():
+            path = Path(base) / path
+        return str(path) if base is not None else value
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_question(cls, value: str) -> str:
+        if "{question}" not in value:
+            raise ValueError("prompt_template must contain {question}")
+        return value
+
+
+class TrainingConfig(_Section):
+    epochs: Annotated[int, Field(ge=1)] = 1
+    """Passes over the training data (ignored when `max_steps` is set)."""
+
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    """Stop after this many optimizer steps (overrides `epochs`)."""
+
+    learning_rate: Annotated[float, Field(gt=0)] = 2e-5
+    """Peak learning rate, reached after warmup."""
+
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """AdamW weight decay."""
+
+    warmup_steps: Annotated[int, Field(ge=0)] = 100
+    """Linear warmup from 0 to `learning_rate`, in optimizer steps."""
+
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warmup: linear or cosine to 0 at the last step, or constant."""
+
+    micro_batch_size: Annotated[int, Field(ge=1)] = 1
+    """Sequences per rank per forward pass (the seed's `per_device_batch_size`)."""
+
+    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 8
+    """Micro-batches accumulated per optimizer step."""
+
+    max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
+    """Gradient clipping by global norm; 0 disables clipping."""
+
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Training precision. CPU-only runs must use fp32."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage. MoE needs 1 or 2 (DeepSpeed refuses native MoE with stage 3)."""
+
+    seed: int = 42
+    """Seed for weights, data order and routing noise; a resumed run follows the same trajectory."""
+
+    logging_steps: Annotated[int, Field(ge=1)] = 10
+    """Log metrics every N optimizer steps."""
+
+    save_steps: Annotated[int, Field(ge=1)] = 500
+    """Save a checkpoint every N optimizer steps (and always at the end)."""
+
+    eval_steps: Annotated[int, Field(ge=1)] | None = None
+    """Evaluate every N optimizer steps; unset evaluates at the start and the end only."""
+
+    keep_checkpoints: Annotated[int, Field(ge=1)] | None = 3
+    """Keep the newest N checkpoints (the newest valid one is never deleted); unset keeps all."""
+
+    num_threads: Annotated[int, Field(ge=1)] | None = None
+    """torch threads per rank on CPU; unset means `cluster.cpus_per_task`."""
+
+    export_on_finish: bool = False
+    """Write a Hugging Face folder (`<run>/export`) when training completes."""
+
+
+class RunConfig(_Section):
+    """A moe-orch run: resources, model, MoE layout, data and training."""
+
+    name: str
+    """Run name: letters, digits, `.`, `_` and `-`. The run id adds a unique suffix."""
+
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    """Resources and scheduler settings."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The dense parent model."""
+
+    moe: MoeConfig = Field(default_factory=MoeConfig)
+    """How the dense FFNs become Mixture-of-Experts layers."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Training and evaluation data."""
+
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    """Optimisation, precision, logging and checkpoints."""
+
+    @field_validator("name")
+    @classmethod
+    def _name_chars(cls, value: str) -> str:
+        if not NAME_RE.match(value) or len(value) > 64:
+            raise ValueError(
+                f"run name {value!r} may use only letters, digits, '.', '_' and '-' (at most 64), "
+                "e.g. mpt7b-moe-4x8"
+            )
+        return value
+
+    # --- derived numbers (one place; validate's summary and the worker both read them) ---
+    @property
+    def world_size(self) -> int:
+        return self.cluster.world_size
+
+    @property
+    def data_parallel_size(self) -> int:
+        # NOTE: in DeepSpeed MoE every rank is a data-parallel rank for the dense part; experts are
+        # replicated over world_size / ep_size ranks (the expert-data-parallel group).
+        return self.cluster.world_size
+
+    @property
+    def ep_size(self) -> int:
+        return self.moe.ep_size if self.moe.enabled else 1
+
+    @property
+    def expert_data_parallel_size(self) -> int:
+        return self.world_size // self.ep_size
+
+    @property
+    def global_batch_size(self) -> int:
+        t = self.training
+        return t.micro_batch_size * t.gradient_accumulation_steps * self.data_parallel_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Upper bound: every sequence padded to `max_seq_length`."""
+        return self.global_batch_size * self.data.max_seq_length
+
+    @property
+    def cpu_only(self) -> bool:
+        return self.cluster.gpus_per_node == 0
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> RunConfig:
+        c, m, t, d = self.cluster, self.moe, self.training, self.data
+        if c.executor == "local" and c.nodes > 1:
+            raise _fail(
+                "cluster.nodes",
+                f"the local executor runs one node, got nodes: {c.nodes}; "
+                "use executor: slurm or nodes: 1",
+            )
+        if c.gpus_per_node and c.tasks_per_node > c.gpus_per_node:
+            raise _fail(
+                "cluster.tasks_per_node",
+                f"{c.tasks_per_node} ranks per node but only {c.gpus_per_node} GPUs per node; "
+                f"set tasks_per_node: {c.gpus_per_node} (one rank per GPU)",
+            )
+        if m.enabled:
+            if m.num_experts % m.ep_size:
+                divisors = [k for k in range(1, m.num_experts + 1) if m.num_experts % k == 0]
+                raise _fail(
+                    "moe.ep_size",
+                    f"num_experts {m.num_experts} is not divisible by ep_size {m.ep_size}; "
+                    f"use an ep_size in {divisors} or change num_experts",
+                )
+            if c.world_size % m.ep_size:
+                raise _fail(
+                    "moe.ep_size",
+                    f"world size {c.world_size} (nodes {c.nodes} x tasks_per_node "
+                    f"{c.tasks_per_node}) is not divisible by ep_size {m.ep_size}",
+                )
+            if t.zero_stage == 3:
+                raise _fail(
+                    "training.zero_stage",
+                    "DeepSpeed refuses native MoE with ZeRO stage 3; use zero_stage: 2",
+                )
+            if m.implementation == "dropless" and m.ep_size != 1:
+                raise _fail(
+                    "moe.implementation",
+                    "the dropless layer has no expert parallelism; use ep_size: 1 or "
+                    "implementation: deepspeed",
+                )
+        if d.max_target_length >= d.max_seq_length:
+            raise _fail(
+                "data.max_target_length",
+                f"max_target_length {d.max_target_length} must be less than max_seq_length "
+                f"{d.max_seq_length} (the prompt needs room)",
+            )
+        if t.precision != "fp32" and self.cpu_only:
+            raise _fail(
+                "training.precision",
+                f"{t.precision} needs GPUs (DeepSpeed on CPU rejects fp16; bf16 is 2-4x slower); "
+                "use precision: fp32 or set cluster.gpus_per_node",
+            )
+        if self.model.is_tiny and isinstance(m.layers, list):
+            bad = [i for i in m.layers if i >= self.model.tiny.n_layers]
+            if bad:
+                raise _fail(
+                    "moe.layers",
+                    f"layer indices {bad} do not exist: the tiny model has "
+                    f"{self.model.tiny.n_layers} layers (0..{self.model.tiny.n_layers - 1})",
+                )
+        if c.gpu_mem_gb is not None:
+            # Imported here: the estimate needs the architecture table, not needed for parsing.
+            from orchestrator.estimate import estimate_memory
+
+            est = estimate_memory(self)
+            if est is not None and est.total_gb > c.gpu_mem_gb:
+                raise _fail(
+                    "cluster.gpu_mem_gb",
+                    f"estimated model states need {est.total_gb:.1f} GB per GPU but gpu_mem_gb is "
+                    f"{c.gpu_mem_gb:g}; raise moe.ep_size or the number of ranks, or use fewer experts",
+                )
+        return self
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the run config, for editors' YAML support (`moe-orch schema`)."""
+    schema = RunConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "moe-orch run config"
+    return schema
