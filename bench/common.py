@@ -1,0 +1,181 @@
+"""Shared helpers for the benchmarks in `bench/`: timing, result records, the machine, output files.
+
+A benchmark script builds a list of `Result`s and hands them to `write_results`, which writes
+`bench/results/<YYYY-mm-dd>-<name>.json` (records + machine description) and a `.md` table next to
+it. Keep this module free of torch imports: the CLI-latency benchmark must not pay for them.
+
+    from bench.common import Result, median_time, write_results
+
+    t = median_time(lambda: step(), repeats=5, warmup=1)          # seconds
+    results = [Result("moe_layer/top1/S=4096", ours=t, baseline=t_stock, unit="ms")]
+    print(markdown_table(results))
+    write_results("moe-layer", results, meta={"threads": 1})
+
+Run scripts from the repository root as modules (`python -m bench.moe_layer`) or as files
+(`python bench/moe_layer.py`; each script puts the root on `sys.path` itself).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def time_samples(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of `repeats` calls of `fn`, after `warmup` untimed calls."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    for _ in range(repeats):
+        # NOTE: collect garbage outside the timed region so one call's frees do not land in the next.
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of one call of `fn` (the median resists the odd slow run)."""
+    return statistics.median(time_samples(fn, repeats, warmup))
+
+
+@dataclass
+class Result:
+    """One measured comparison: `ours` against `baseline` in `unit` (lower is better unless `note`
+    says otherwise). `ratio` is ours / baseline, filled in when both are known."""
+
+    name: str
+    ours: float
+    baseline: float | None = None
+    unit: str = "ms"
+    ratio: float | None = None
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.ratio is None and self.baseline:
+            self.ratio = self.ours / self.baseline
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gb() -> float | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on (no torch import: versions come from package metadata)."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": affinity,
+        "memory_gb": _memory_gb(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "deepspeed": _version("deepspeed"),
+        "transformers": _version("transformers"),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == 0 or 0.01 <= abs(value) < 100000:
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    return f"{value:.3e}"
+
+
+def markdown_table(results: Sequence[Result]) -> str:
+    """The records as a GitHub markdown table (also what the scripts print)."""
+    lines = ["| name | ours | baseline | unit | ratio | note |", "|---|---:|---:|---|---:|---|"]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {_fmt(r.ours)} | {_fmt(r.baseline)} | {r.unit} | {_fmt(r.ratio)} | {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+def write_results(
+    name: str,
+    results: Sequence[Result],
+    meta: dict[str, Any] | None = None,
+    out_dir: Path = RESULTS_DIR,
+    date: _dt.date | None = None,
+) -> Path:
+    """Write `<out_dir>/<YYYY-mm-dd>-<name>.json` and `.md`; returns the JSON path.
+
+    `meta` holds what a reader needs to reproduce the run (sizes, repeats, threads, command).
+    """
+    day = (date or _dt.datetime.now(_dt.timezone.utc).date()).isoformat()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{day}-{name}"
+    machine = machine_info()
+    doc = {
+        "name": name,
+        "date": day,
+        "machine": machine,
+        "meta": meta or {},
+        "results": [r.to_dict() for r in results],
+    }
+    json_path = stem.with_suffix(".json")
+    json_path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    md = [
+        f"# {name} ({day})",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB; "
+        f"torch {machine['torch']}, deepspeed {machine['deepspeed']}.",
+    ]
+    if meta:
+        md.append("")
+        md.append("Settings: " + ", ".join(f"{k}={v}" for k, v in meta.items()))
+    md += ["", markdown_table(results), ""]
+    stem.with_suffix(".md").write_text("\n".join(md), encoding="utf-8")
+    logger.info("wrote %s", json_path)
+    return json_path
