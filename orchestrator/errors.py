@@ -56,3 +56,15 @@ class SchedulerError(MoeOrchError):
     """squeue/sacct/scancel failed or is missing."""
 
     exit_code = 3
+
+
+class CheckpointError(MoeOrchError):
+    """No valid checkpoint where one is needed (missing, incomplete or damaged)."""
+
+    exit_code = 2
+
+
+class ExportError(MoeOrchError):
+    """A checkpoint cannot be turned into a Hugging Face folder (missing files, wrong layout)."""
+
+    exit_code = 2
