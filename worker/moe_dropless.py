@@ -1,0 +1,245 @@
+"""The sort-based dropless MoE layer (`moe.implementation: dropless`).
+
+A drop-in for `deepspeed.moe.layer.MoE` at `ep_size` 1: the same constructor arguments, the same
+`forward(hidden) -> (output, l_aux, exp_counts)` contract, the same parameter names and the same
+gating maths as DeepSpeed's `TopKGate` for k = 1 and k = 2. What differs is the dispatch:
+
+    DeepSpeed: route -> capacity C per expert (tokens over C are dropped) -> (E, C, d) buffer
+    here:      route -> sort the S*k (token, expert) assignments by expert -> gather the token rows
+               -> each expert runs on its contiguous slice -> scatter-add the weighted rows back
+
+so no token is ever dropped and no capacity padding is computed (MegaBlocks-style dropless MoE).
+
+Parameter names match DeepSpeed's, so checkpoints, `routing_top1` and the HF export map the same:
+    deepspeed_moe.gate.wg.weight                                   (E, d)
+    deepspeed_moe.experts.deepspeed_experts.{i}.<expert params>
+
+# NOTE: expert parameters are NOT marked `allreduce=False` / `group_name` as DeepSpeed's `Experts`
+# does. With ep_size 1 every rank holds every expert, so the expert-data-parallel group is the
+# whole world and the experts must be all-reduced exactly like dense parameters. DeepSpeed's engine
+# only looks for `deepspeed.moe.layer.MoE` instances, so marked parameters without such a layer
+# would go unreduced; unmarked ones land in the ordinary ZeRO groups, which is correct.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def _gumbel(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    # NOTE: the same distribution object and draw as DeepSpeed's `gumbel_rsample`, so with the same
+    # torch RNG state both layers sample the same top-2 second expert.
+    zero = torch.tensor(0.0, device=device)
+    one = torch.tensor(1.0, device=device)
+    return torch.distributions.gumbel.Gumbel(zero, one).rsample(shape)
+
+
+def _jitter(x: torch.Tensor, epsilon: float = 1e-2) -> torch.Tensor:
+    """DeepSpeed's `multiplicative_jitter`: x times U(1 - eps, 1 + eps)."""
+    low = torch.tensor(1.0 - epsilon, device=x.device)
+    high = torch.tensor(1.0 + epsilon, device=x.device)
+    return x * torch.distributions.uniform.Uniform(low, high).rsample(x.shape)
+
+
+class DroplessGate(nn.Module):
+    """The router: DeepSpeed `TopKGate` semantics for k = 1 and 2, without capacity.
+
+    forward(x (S, d)) -> (weights (S, k), indices (S, k), l_aux (), exp_counts (E,))
+    - top-1: weight = softmax probability of the chosen expert (not renormalised).
+    - top-2: the two probabilities renormalised to sum to 1; the second expert is the argmax of the
+      logits (plus Gumbel noise when `top2_2nd_expert_sampling`) with the first one masked out.
+    - l_aux = E * sum_e(mean_s(prob_e) * fraction of tokens whose first choice is e).
+    - exp_counts = assignments per expert (first and second choices), as DeepSpeed counts them.
+    """
+
+    def __init__(
+        self,
+        model_dim: int,
+        num_experts: int,
+        k: int = 1,
+        noisy_gate_policy: str | None = None,
+        top2_2nd_expert_sampling: bool = True,
+    ) -> None:
+        super().__init__()
+        if k not in (1, 2):
+            raise ValueError(f"the dropless gate supports top_k 1 or 2, got {k}")
+        if noisy_gate_policy not in (None, "None", "Jitter", "RSample"):
+            raise ValueError(
+                f"noisy_gate_policy must be None, 'Jitter' or 'RSample', got {noisy_gate_policy!r}"
+            )
+        self.wg = nn.Linear(model_dim, num_experts, bias=False)
+        self.k = k
+        self.num_experts = num_experts
+        self.noisy_gate_policy = None if noisy_gate_policy == "None" else noisy_gate_policy
+        self.top2_2nd_expert_sampling = top2_2nd_expert_sampling
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x: (S, d). Routing is computed in fp32 whatever the model dtype, as DeepSpeed does.
+        x32 = x.float()
+        if self.noisy_gate_policy == "Jitter" and self.training:
+            x32 = _jitter(x32)
+        logits = F.linear(x32, self.wg.weight.float())  # (S, E)
+        gates = F.softmax(logits, dim=1)  # (S, E)
+        num_tokens, num_experts = gates.shape
+        me = gates.mean(dim=0)  # (E,)
+
+        if self.k == 1:
+            if self.noisy_gate_policy == "RSample" and self.training:
+                idx1 = torch.argmax(logits + _gumbel(logits.shape, logits.device), dim=1)  # (S,)
+            else:
+                idx1 = torch.argmax(gates, dim=1)  # (S,)
+            counts1 = torch.bincount(idx1, minlength=num_experts)  # (E,)
+            ce = counts1.float() / num_tokens
+            l_aux = torch.sum(me * ce) * num_experts
+            weights = gates.gather(1, idx1.unsqueeze(1))  # (S, 1)
+            return weights, idx1.unsqueeze(1), l_aux, counts1
+
+        idx1 = torch.argmax(gates, dim=1)  # (S,)
+        if self.top2_2nd_expert_sampling:
+            logits = logits + _gumbel(logits.shape, logits.device)
+        idx2 = torch.argmax(logits.scatter(1, idx1.unsqueeze(1), float("-inf")), dim=1)  # (S,)
+        counts1 = torch.bincount(idx1, minlength=num_experts)  # (E,)
+        counts2 = torch.bincount(idx2, minlength=num_experts)  # (E,)
+        ce = counts1.float() / num_tokens
+        # NOTE: DeepSpeed writes top-2's loss as mean * E * E (= top-1's sum * E); kept verbatim.
+        l_aux = torch.mean(me * ce) * num_experts * num_experts
+        g1 = gates.gather(1, idx1.unsqueeze(1))  # (S, 1)
+        g2 = gates.gather(1, idx2.unsqueeze(1))  # (S, 1)
+        denom = torch.clamp(g1 + g2, min=torch.finfo(gates.dtype).eps)
+        weights = torch.cat([g1 / denom, g2 / denom], dim=1)  # (S, 2)
+        return weights, torch.stack([idx1, idx2], dim=1), l_aux, counts1 + counts2
+
+
+class DroplessExperts(nn.Module):
+    """`num_experts` deep copies of `expert`, named like DeepSpeed's `Experts` (`deepspeed_experts.{i}`)."""
+
+    def __init__(self, expert: nn.Module, num_experts: int) -> None:
+        super().__init__()
+        self.deepspeed_experts = nn.ModuleList([copy.deepcopy(expert) for _ in range(num_experts)])
+        self.num_local_experts = num_experts
+
+    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        # x_sorted: (A, d) rows grouped by expert, counts[e] rows for expert e -> (A, d)
+        # NOTE: every expert runs, even on an empty slice, so every expert parameter gets a (zero)
+        # gradient: ZeRO and DDP expect a gradient for each parameter on every rank.
+        # NOTE: measured on this CPU (S=4096, d=256, f=1024, E=8, 1 thread): this loop of per-expert
+        # matmuls takes 22 ms for one projection, torch's grouped_mm 19 ms and one dense matmul of
+        # the same FLOPs 17.5 ms. grouped_mm has no CPU backward in torch 2.13 and needs the weights
+        # stacked (E, f, d), which breaks DeepSpeed's per-expert parameter names, so we loop.
+        outputs: list[torch.Tensor] = []
+        for chunk, expert in zip(torch.split(x_sorted, counts), self.deepspeed_experts, strict=True):
+            out = expert(chunk)
+            if isinstance(out, tuple):
+                out = out[0]  # an expert returning (output, bias), as DeepSpeed allows
+            outputs.append(out)
+        return torch.cat(outputs, dim=0)
+
+
+class DroplessMoELayer(nn.Module):
+    """Gate + experts + sort-based dispatch; the counterpart of DeepSpeed's `MOELayer`."""
+
+    def __init__(self, gate: DroplessGate, experts: DroplessExperts) -> None:
+        super().__init__()
+        self.gate = gate
+        self.experts = experts
+        self.num_experts = gate.num_experts
+        self.l_aux: torch.Tensor | None = None
+        self.exp_counts: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: (..., d) -> (..., d)
+        d_model = hidden.shape[-1]
+        x = hidden.reshape(-1, d_model)  # (S, d)
+        weights, indices, l_aux, exp_counts = self.gate(x)  # (S, k), (S, k), (), (E,)
+        self.l_aux, self.exp_counts = l_aux, exp_counts
+        top_k = indices.shape[1]
+
+        flat_expert = indices.reshape(-1)  # (S*k,) assignment a = token * k + slot
+        order = torch.argsort(flat_expert, stable=True)  # (S*k,) assignments grouped by expert
+        token_of = order // top_k  # (S*k,) source token of each sorted assignment
+        counts = exp_counts.tolist()  # per-expert slice lengths (sum = S*k)
+
+        x_sorted = x.index_select(0, token_of)  # (S*k, d)
+        y_sorted = self.experts(x_sorted, counts)  # (S*k, d)
+        w_sorted = weights.reshape(-1).index_select(0, order)  # (S*k,) fp32
+        # NOTE: weight and sum in fp32 (the gate's dtype) and cast back, as DeepSpeed's decode does.
+        y_weighted = y_sorted * w_sorted.unsqueeze(1)  # (S*k, d) promoted dtype
+        out: torch.Tensor = y_weighted.new_zeros(x.shape[0], d_model).index_add_(
+            0, token_of, y_weighted
+        )  # (S, d)
+        return out.to(y_sorted.dtype).reshape(hidden.shape)
+
+
+class DroplessMoE(nn.Module):
+    """Sort-based dropless MoE with the call contract of `deepspeed.moe.layer.MoE`.
+
+    forward(hidden (..., d)) -> (output (..., d), l_aux (), exp_counts (E,) int64)
+
+    Accepts DeepSpeed's constructor arguments so `_make_moe_layer` can pass the same ones; the
+    capacity arguments (`capacity_factor`, `eval_capacity_factor`, `min_capacity`, `drop_tokens`,
+    `use_rts`) are accepted and ignored, since nothing is dropped. Differences from DeepSpeed:
+    - no capacity: no token is dropped, in training or eval, so outputs equal DeepSpeed's only when
+      DeepSpeed drops nothing (e.g. capacity_factor >= num_experts);
+    - any number of tokens works (DeepSpeed asserts tokens >= min_capacity, so 1-token generation
+      fails there);
+    - `ep_size` must be 1 and `use_residual`, `use_tutel`, `used_token` are not supported.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        expert: nn.Module,
+        num_experts: int = 1,
+        ep_size: int = 1,
+        k: int = 1,
+        capacity_factor: float = 1.0,
+        eval_capacity_factor: float = 1.0,
+        min_capacity: int = 4,
+        use_residual: bool = False,
+        noisy_gate_policy: str | None = None,
+        drop_tokens: bool = True,
+        use_rts: bool = True,
+        use_tutel: bool = False,
+        enable_expert_tensor_parallelism: bool = False,
+        top2_2nd_expert_sampling: bool = True,
+    ) -> None:
+        super().__init__()
+        if ep_size != 1:
+            raise ValueError(
+                f"the dropless MoE layer has no expert parallelism (got ep_size {ep_size}); "
+                "use moe.ep_size: 1 or moe.implementation: deepspeed"
+            )
+        if use_residual or use_tutel or enable_expert_tensor_parallelism:
+            raise ValueError(
+                "the dropless MoE layer supports neither use_residual, use_tutel nor expert tensor "
+                "parallelism; use moe.implementation: deepspeed"
+            )
+        del capacity_factor, eval_capacity_factor, min_capacity, drop_tokens, use_rts  # no capacity
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts
+        self.ep_size = 1
+        self.k = k
+        self.deepspeed_moe = DroplessMoELayer(
+            DroplessGate(hidden_size, num_experts, k, noisy_gate_policy, top2_2nd_expert_sampling),
+            DroplessExperts(expert, num_experts),
+        )
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """No process groups to create (ep_size 1); kept so callers can treat both layers alike."""
+
+    def forward(
+        self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if used_token is not None:
+            raise NotImplementedError("the dropless MoE layer does not support used_token")
+        output = self.deepspeed_moe(hidden_states)
+        assert self.deepspeed_moe.l_aux is not None and self.deepspeed_moe.exp_counts is not None
+        return output, self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts
