@@ -1,0 +1,259 @@
+"""The run record on disk: `<home>/<run-id>/run.json`, written atomically under an fcntl lock.
+
+`run.json` is the orchestrator's memory of a run: its config hash, its state and one entry per
+attempt (each start of the worker: a first submission, a SLURM requeue of the same job, or a
+resubmission by `watch`/`resume` under a new job id). It is rewritten with temp file + `os.replace`
+while `run.json.lock` is held, so concurrent `status`, `watch` and `cancel` never lose an update.
+
+The worker's own files (`events.jsonl`, `progress.json`) are read here too; they are the source of
+truth for what happened inside an attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import RunNotFoundError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+RUN_FILE = "run.json"
+
+# Run states. `requeued`: SLURM will start the same job again (preemption, time limit, node
+# failure with --requeue). `stopped`: the last attempt ended without a requeue and the budgets
+# allow another one: `watch` or `resume` resubmits it.
+PENDING, RUNNING, REQUEUED, STOPPED = "pending", "running", "requeued", "stopped"
+COMPLETED, FAILED, CANCELLED = "completed", "failed", "cancelled"
+FINAL_STATES = frozenset({COMPLETED, FAILED, CANCELLED})
+
+# Why an attempt stopped.
+STOP_REASONS = ("completed", "preempted", "timeout", "node_fail", "failed", "cancelled")
+FAILURE_REASONS = frozenset({"failed", "node_fail"})
+PREEMPTION_REASONS = frozenset({"preempted", "timeout"})
+
+
+@dataclass
+class Attempt:
+    """One start of the worker (or one submission that has not started yet)."""
+
+    number: int
+    job_id: str | None
+    attempt_key: str | None = None  # "<job_id>.<restart>" from the worker's start event
+    restart: int = 0  # SLURM_RESTART_COUNT of this attempt (requeues of the same job id)
+    submitted: float | None = None
+    started: float | None = None
+    ended: float | None = None
+    nodes: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    slurm_state: str | None = None  # last scheduler state seen (sacct/squeue), e.g. "NODE_FAIL"
+    state: str = PENDING  # pending | running | ended
+    stop_reason: str | None = None
+    exit_code: str | None = None
+    first_step: int | None = None
+    last_step: int | None = None
+    resumed_from: str | None = None
+    steps_redone: int | None = None
+    requeued: bool = False  # the worker (or SLURM) requeued the job after this attempt
+    error: str | None = None
+    note: str | None = None  # why this attempt exists (e.g. "resubmitted after node_fail")
+    last_seen_alive: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Attempt:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    name: str
+    config_hash: str
+    created: float
+    executor: str
+    run_dir: str
+    home: str
+    config_source: str | None = None
+    state: str = PENDING
+    state_reason: str | None = None
+    cancel_requested: bool = False
+    budgets: dict[str, Any] = field(default_factory=dict)
+    excluded_nodes: list[str] = field(default_factory=list)  # added by watch after NODE_FAIL
+    attempts: list[Attempt] = field(default_factory=list)
+    updated: float = 0.0
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def current(self) -> Attempt | None:
+        return self.attempts[-1] if self.attempts else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names and k != "attempts"}
+        rec = cls(**values)
+        rec.attempts = [Attempt.from_dict(a) for a in data.get("attempts", [])]
+        return rec
+
+
+# --- where runs live -------------------------------------------------------------------------
+
+
+def runs_home(home: str | Path | None = None) -> Path:
+    """`--home`, else `$MOE_ORCH_HOME`, else `./runs` (absolute)."""
+    if home is not None and str(home) != "":
+        return Path(home).expanduser().resolve()
+    env = os.environ.get("MOE_ORCH_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    return (Path.cwd() / "runs").resolve()
+
+
+def new_run_id(name: str, now: float | None = None) -> str:
+    """`<name>-<YYYYmmdd-HHMMSS>-<4 hex>`, e.g. `tiny-cpu-20261128-152000-3fa2`."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now if now is not None else time.time()))
+    return f"{name}-{stamp}-{secrets.token_hex(2)}"
+
+
+def config_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def list_runs(home: Path) -> list[Path]:
+    """Run directories under `home` (those holding a run.json), oldest first."""
+    if not home.is_dir():
+        return []
+    dirs = [p for p in home.iterdir() if (p / RUN_FILE).is_file()]
+    # The id ends with `-YYYYmmdd-HHMMSS-xxxx`: sort by that stamp, then by name.
+    return sorted(dirs, key=lambda p: ("-".join(p.name.rsplit("-", 3)[1:3]), p.name))
+
+
+def find_run(home: Path, spec: str) -> Path:
+    """A run directory from a run id, a unique prefix of one, or a path to the directory."""
+    direct = Path(spec).expanduser()
+    if (direct / RUN_FILE).is_file():
+        return direct.resolve()
+    if (home / spec / RUN_FILE).is_file():
+        return home / spec
+    matches = [p for p in list_runs(home) if p.name.startswith(spec)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        known = ", ".join(p.name for p in list_runs(home)[-5:]) or "none"
+        raise RunNotFoundError(f"no run {spec!r} under {home} (recent runs: {known}); see `moe-orch status`")
+    names = ", ".join(p.name for p in matches)
+    raise RunNotFoundError(f"{spec!r} matches several runs ({names}); give more of the run id")
+
+
+# --- the record on disk ----------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path) -> Iterator[None]:
+    with open(run_dir / f"{RUN_FILE}.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def write_run(run_dir: Path, record: RunRecord) -> None:
+    """Write `run.json` (callers that read-modify-write use `update_run`)."""
+    with _locked(run_dir):
+        _write_unlocked(run_dir, record)
+
+
+def _write_unlocked(run_dir: Path, record: RunRecord) -> None:
+    record.updated = time.time()
+    _atomic_write(run_dir / RUN_FILE, json.dumps(record.to_dict(), indent=2, sort_keys=False) + "\n")
+
+
+def read_run(run_dir: Path) -> RunRecord:
+    path = run_dir / RUN_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunNotFoundError(f"{run_dir} has no {RUN_FILE}: not a moe-orch run directory") from None
+    version = data.get("schema_version", 0)
+    if version > SCHEMA_VERSION:
+        raise RunNotFoundError(
+            f"{path} has schema version {version}, newer than this moe-orch ({SCHEMA_VERSION}); "
+            "upgrade moe-orch"
+        )
+    return RunRecord.from_dict(data)
+
+
+def update_run(run_dir: Path, mutate: Callable[[RunRecord], None]) -> RunRecord:
+    """Read, change and write `run.json` while holding its lock; returns the new record."""
+    with _locked(run_dir):
+        record = read_run(run_dir)
+        mutate(record)
+        _write_unlocked(run_dir, record)
+        return record
+
+
+# --- the worker's files ----------------------------------------------------------------------
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    """`events.jsonl`; a torn last line (the worker is writing it) is skipped."""
+    path = run_dir / "events.jsonl"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    events: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and "event" in obj:
+            events.append(obj)
+    return events
+
+
+def read_progress(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((run_dir / "progress.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,0 +1,283 @@
+"""squeue/sacct/sinfo/scancel: one batched call each per poll, and their parsers.
+
+A poll asks `squeue` once and `sacct` once for every job id of every run it looks at, whatever the
+number of runs. Both outputs use fixed formats (`FORMATS` below) so the parsers can be tested with
+literal scheduler output. Nothing here imports torch; a status poll starts fast.
+
+Two scheduler habits shape the parsing:
+- requeue: `sacct -D` keeps one row per run of a requeued job (`REQUEUED`, `PREEMPTED`,
+  `NODE_FAIL`, then `RUNNING`/`COMPLETED`), all with the same job id, oldest first;
+- job-id reuse: after a controller restart with fresh state, ids start again at 1, so a row with
+  the right id may belong to an older job. Rows are matched to an attempt by submit time
+  (`rows_since`), never by id alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from orchestrator.errors import SchedulerError
+
+logger = logging.getLogger(__name__)
+
+SQUEUE_FORMAT = "%i|%T|%r|%N|%V|%S"
+SACCT_FIELDS = "JobIDRaw,State,ExitCode,Submit,Start,End,NodeList"
+SUBMIT_SLACK_S = 120.0
+"""A scheduler row belongs to an attempt only if it was submitted at most this long before the
+attempt's recorded submit time (clock skew between login node and controller)."""
+
+ALIVE_STATES = frozenset(
+    {
+        "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
+        "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD", "SPECIAL_EXIT",
+    }
+)  # fmt: skip
+FINAL_STATES = frozenset(
+    {
+        "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
+        "BOOT_FAIL", "DEADLINE",
+    }
+)  # fmt: skip
+
+_STOP_REASON = {
+    "COMPLETED": "completed",
+    "FAILED": "failed",
+    "CANCELLED": "cancelled",
+    "TIMEOUT": "timeout",
+    "DEADLINE": "timeout",
+    "NODE_FAIL": "node_fail",
+    "BOOT_FAIL": "node_fail",
+    "PREEMPTED": "preempted",
+    "REQUEUED": "preempted",
+    "OUT_OF_MEMORY": "failed",
+}
+
+
+def stop_reason_for(state: str) -> str | None:
+    """Our stop reason for a final (or requeued) SLURM state; None while the job lives."""
+    return _STOP_REASON.get(state)
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    """One `squeue` line (with `--states=all` also recently finished jobs)."""
+
+    job_id: str
+    state: str
+    reason: str
+    nodelist: str
+    submit: float | None
+    start: float | None
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ALIVE_STATES
+
+
+@dataclass(frozen=True)
+class AcctRow:
+    """One `sacct -D -X` line: one run of a job (requeues give one row each)."""
+
+    job_id: str
+    state: str
+    cancelled_by: str | None
+    exit_code: str
+    submit: float | None
+    start: float | None
+    end: float | None
+    nodelist: str
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES or self.state == "REQUEUED"
+
+
+@dataclass
+class Snapshot:
+    """What the scheduler said in one poll."""
+
+    queue: dict[str, QueueRow] = field(default_factory=dict)
+    acct: dict[str, list[AcctRow]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    time: float = 0.0
+
+
+def parse_time(text: str) -> float | None:
+    """`2026-11-28T15:20:01` (local time, as SLURM prints it) -> Unix seconds; None for
+    `Unknown`, `None`, `N/A` or empty."""
+    text = text.strip()
+    if not text or text in ("Unknown", "None", "N/A", "(null)"):
+        return None
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+
+
+def split_state(raw: str) -> tuple[str, str | None]:
+    """`CANCELLED by 0` -> ("CANCELLED", "0"); `RUNNING` -> ("RUNNING", None)."""
+    raw = raw.strip()
+    match = re.match(r"^([A-Z_]+)(?:\+)?(?:\s+by\s+(\S+))?", raw)
+    if not match:
+        return raw, None
+    return match.group(1), match.group(2)
+
+
+def _job_id(raw: str) -> str | None:
+    raw = raw.strip()
+    # steps (`12.batch`, `12.0`) and array syntax are not ours: we submit single jobs.
+    return raw if raw.isdigit() else None
+
+
+def parse_squeue(text: str) -> dict[str, QueueRow]:
+    """Parse `squeue -h -o SQUEUE_FORMAT` output. For a duplicated id the newest row wins."""
+    rows: dict[str, QueueRow] = {}
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) < 6:
+            continue
+        job_id = _job_id(parts[0])
+        if job_id is None:
+            continue
+        state, _ = split_state(parts[1])
+        row = QueueRow(
+            job_id, state, parts[2].strip(), parts[3].strip(), parse_time(parts[4]), parse_time(parts[5])
+        )
+        old = rows.get(job_id)
+        if old is None or (row.submit or 0) >= (old.submit or 0):
+            rows[job_id] = row
+    return rows
+
+
+def parse_sacct(text: str) -> dict[str, list[AcctRow]]:
+    """Parse `sacct -D -X -P -n --format SACCT_FIELDS`; rows per job id, oldest first."""
+    out: dict[str, list[AcctRow]] = {}
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) < 7:
+            continue
+        job_id = _job_id(parts[0])
+        if job_id is None:
+            continue
+        state, by = split_state(parts[1])
+        row = AcctRow(
+            job_id=job_id,
+            state=state,
+            cancelled_by=by,
+            exit_code=parts[2].strip(),
+            submit=parse_time(parts[3]),
+            start=parse_time(parts[4]),
+            end=parse_time(parts[5]),
+            nodelist=parts[6].strip(),
+        )
+        out.setdefault(job_id, []).append(row)
+    for rows in out.values():
+        rows.sort(key=lambda r: (r.submit or 0, r.start or float("inf")))
+    return out
+
+
+def rows_since(
+    rows: Sequence[AcctRow], submitted: float | None, slack: float = SUBMIT_SLACK_S
+) -> list[AcctRow]:
+    """The rows that can belong to a job submitted at `submitted` (drops an older job's rows
+    that carry a reused id)."""
+    if submitted is None:
+        return list(rows)
+    return [r for r in rows if r.submit is None or r.submit >= submitted - slack]
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """`n[1-3,5],gpu01` -> [n1, n2, n3, n5, gpu01]; `None assigned`/`(null)` -> []."""
+    text = nodelist.strip()
+    if not text or text.startswith("None") or text in ("(null)", "N/A"):
+        return []
+    names: list[str] = []
+    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]*)\])?", text):
+        prefix, ranges = match.group(1), match.group(2)
+        if ranges is None:
+            names.append(prefix)
+            continue
+        for part in ranges.split(","):
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                width = len(lo)
+                names.extend(f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi) + 1))
+            else:
+                names.append(f"{prefix}{part}")
+    return [n for n in names if n]
+
+
+# --- the calls ------------------------------------------------------------------------------
+
+
+def _run(args: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def query(job_ids: Iterable[str]) -> Snapshot:
+    """One `squeue` and one `sacct` call for all `job_ids`. Failures are recorded in
+    `Snapshot.errors` (status still shows what the run files say)."""
+    ids = sorted({j for j in job_ids if j and j.isdigit()}, key=int)
+    snap = Snapshot(time=time.time())
+    if not ids:
+        return snap
+    joined = ",".join(ids)
+    try:
+        sq = _run(["squeue", "-h", "--states=all", "-j", joined, "-o", SQUEUE_FORMAT])
+        if sq.returncode == 0:
+            snap.queue = parse_squeue(sq.stdout)
+        elif "Invalid job id" not in sq.stderr:
+            snap.errors.append(f"squeue: {sq.stderr.strip() or sq.returncode}")
+    except (OSError, subprocess.SubprocessError) as exc:
+        snap.errors.append(f"squeue: {exc}")
+    try:
+        sa = _run(["sacct", "-D", "-X", "-P", "-n", "-j", joined, f"--format={SACCT_FIELDS}"])
+        if sa.returncode == 0:
+            snap.acct = parse_sacct(sa.stdout)
+        else:
+            snap.errors.append(f"sacct: {sa.stderr.strip() or sa.returncode}")
+    except (OSError, subprocess.SubprocessError) as exc:
+        snap.errors.append(f"sacct: {exc}")
+    for err in snap.errors:
+        logger.warning("scheduler query: %s", err)
+    return snap
+
+
+def unhealthy_nodes(nodes: Iterable[str]) -> list[str]:
+    """Those of `nodes` that `sinfo` reports down, drained, failing or not responding."""
+    wanted = list(nodes)
+    if not wanted:
+        return []
+    try:
+        out = _run(["sinfo", "-h", "-N", "-n", ",".join(wanted), "-o", "%N|%T"])
+    except (OSError, subprocess.SubprocessError):
+        return []
+    bad: list[str] = []
+    for line in out.stdout.splitlines():
+        name, _, state = line.partition("|")
+        state = state.strip().lower()
+        if any(word in state for word in ("down", "drain", "fail", "no_respond")) or state.endswith("*"):
+            if name.strip() not in bad:
+                bad.append(name.strip())
+    return bad
+
+
+def scancel(job_id: str) -> None:
+    """Cancel a job; raises SchedulerError with scancel's message."""
+    try:
+        res = _run(["scancel", job_id])
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SchedulerError(f"scancel {job_id} failed: {exc}") from None
+    if res.returncode != 0:
+        raise SchedulerError(f"scancel {job_id} failed: {res.stderr.strip() or res.returncode}")
+
+
+def available() -> bool:
+    """Whether SLURM's client commands are on PATH."""
+    return shutil.which("sbatch") is not None and shutil.which("squeue") is not None

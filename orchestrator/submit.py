@@ -1,0 +1,394 @@
+"""`submit`, `resume` and `cancel`: the side effects (run directory, submitit executors, scancel).
+
+The request is built apart from running it (`plan_submission` is pure apart from reading data
+files): `--dry-run` prints the plan, `submit` creates the run and hands the plan to submitit.
+
+SLURM options come from one place, `render.sbatch_options`: they are mapped onto submitit's
+parameters (so submitit counts tasks and sets its timeout right), and the `#SBATCH` block of the
+script submitit writes is replaced by the rendered one (`_RenderedSlurmExecutor`), so the options
+sbatch receives are byte for byte those `render` and `--dry-run` show.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from orchestrator import runs
+from orchestrator.config import RunConfig
+from orchestrator.errors import DataFileError, MoeOrchError, SchedulerError, SubmissionError
+from orchestrator.runs import Attempt, RunRecord
+
+logger = logging.getLogger(__name__)
+
+Echo = Callable[[str], None]
+
+# NOTE: the worker requeues itself (scontrol requeue) on USR2/SIGTERM; submitit must never refuse
+# a restart because it counted too many "timeouts" (budgets are ours: reconcile.check_budgets).
+MAX_NUM_TIMEOUT = 1_000_000
+
+# submitit parameter names for our sbatch keys (the rest go to `additional_parameters`).
+_SUBMITIT_NAMES = {
+    "job-name": "job_name",
+    "nodes": "nodes",
+    "ntasks-per-node": "ntasks_per_node",
+    "gpus-per-node": "gpus_per_node",
+    "cpus-per-task": "cpus_per_task",
+    "time": "time",
+    "partition": "partition",
+    "account": "account",
+    "qos": "qos",
+    "constraint": "constraint",
+    "exclude": "exclude",
+}
+_INT_PARAMS = {"nodes", "ntasks_per_node", "gpus_per_node", "cpus_per_task", "time"}
+
+
+@dataclass
+class SubmissionPlan:
+    """Everything `submit` would send, for one attempt."""
+
+    cfg: RunConfig
+    run_dir: Path
+    python: str
+    rendered: dict[str, str]
+    executor: str
+    parameters: dict[str, Any]
+    env: dict[str, str]
+    sbatch_lines: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        lines = [f"executor: {self.executor}", f"run directory: {self.run_dir}", f"python: {self.python}"]
+        lines.append("submitit parameters:")
+        lines += [f"  {k}: {v!r}" for k, v in sorted(self.parameters.items())]
+        lines.append("environment set by the job function:")
+        lines += [f"  {k}={v}" for k, v in sorted(self.env.items())]
+        return "\n".join(lines)
+
+
+def job_env(cfg: RunConfig) -> dict[str, str]:
+    """Environment the job function sets before starting the worker (same as sbatch.sh exports)."""
+    env: dict[str, str] = {}
+    if cfg.cpu_only:
+        env["DS_ACCELERATOR"] = "cpu"
+        env["OMP_NUM_THREADS"] = str(cfg.training.num_threads or cfg.cluster.cpus_per_task)
+    env.update(cfg.cluster.env)
+    return env
+
+
+def python_command(cfg: RunConfig) -> str:
+    return cfg.cluster.python or sys.executable
+
+
+def submitit_parameters(cfg: RunConfig, options: list[tuple[str, str]]) -> dict[str, Any]:
+    """`render.sbatch_options` as submitit `SlurmExecutor.update_parameters` keywords, or the
+    LocalExecutor's for `executor: local`."""
+    c = cfg.cluster
+    if c.executor == "local":
+        params: dict[str, Any] = {
+            "tasks_per_node": c.tasks_per_node,
+            "nodes": 1,
+            "timeout_min": c.time_min,
+            "signal_delay_s": c.signal_delay_s,
+        }
+        if c.setup:
+            params["setup"] = list(c.setup)
+        return params
+    params = {"wckey": None, "signal_delay_s": c.signal_delay_s}
+    extra: dict[str, Any] = {}
+    for key, value in options:
+        if key == "signal":
+            continue  # submitit writes USR2@signal_delay_s itself
+        name = _SUBMITIT_NAMES.get(key)
+        if name is None:
+            extra[key if key == "open-mode" else key.replace("-", "_")] = True if value == "" else value
+        else:
+            params[name] = int(value) if name in _INT_PARAMS else value
+    if c.setup:
+        params["setup"] = list(c.setup)
+    params["additional_parameters"] = extra
+    return params
+
+
+def plan_submission(cfg: RunConfig, run_dir: Path, *, exclude: list[str] | None = None) -> SubmissionPlan:
+    """The submission for `cfg` into `run_dir` (nothing is written or submitted)."""
+    from orchestrator.render import render, sbatch_options
+
+    if exclude:
+        cfg = cfg.model_copy(deep=True)
+        cfg.cluster.exclude = sorted(set(cfg.cluster.exclude) | set(exclude))
+    python = python_command(cfg)
+    rendered = render(cfg, run_dir=run_dir, python=python)
+    options = sbatch_options(cfg, run_dir)
+    sbatch_lines = [ln for ln in rendered["sbatch.sh"].splitlines() if ln.startswith("#SBATCH")]
+    return SubmissionPlan(
+        cfg=cfg,
+        run_dir=run_dir,
+        python=python,
+        rendered=rendered,
+        executor=cfg.cluster.executor,
+        parameters=submitit_parameters(cfg, options),
+        env=job_env(cfg),
+        sbatch_lines=sbatch_lines,
+    )
+
+
+def _slurm_executor_class() -> Any:
+    import submitit
+
+    class _RenderedSlurmExecutor(submitit.SlurmExecutor):
+        """submitit's SlurmExecutor whose `#SBATCH` block is the rendered sbatch.sh's."""
+
+        sbatch_lines: ClassVar[list[str]] = []
+
+        def _make_submission_file_text(self, command: str, uid: str) -> str:
+            text: str = super()._make_submission_file_text(command, uid)
+            lines = text.splitlines()
+            idx = [i for i, ln in enumerate(lines) if ln.startswith("#SBATCH")]
+            if not idx or not self.sbatch_lines:
+                return text
+            out = (
+                lines[: idx[0]]
+                + list(self.sbatch_lines)
+                + [ln for ln in lines[idx[0] :] if not ln.startswith("#SBATCH")]
+            )
+            return "\n".join(out) + "\n"
+
+    return _RenderedSlurmExecutor
+
+
+def make_executor(plan: SubmissionPlan) -> Any:
+    """A configured submitit executor for `plan` (folder `<run>/logs`)."""
+    import submitit
+
+    folder = plan.run_dir / "logs"
+    if plan.executor == "local":
+        local = submitit.LocalExecutor(folder=folder)
+        local.update_parameters(**plan.parameters)
+        return local
+    cls = _slurm_executor_class()
+    try:
+        ex = cls(folder=folder, max_num_timeout=MAX_NUM_TIMEOUT, python=shlex.quote(plan.python))
+    except RuntimeError as exc:
+        raise SubmissionError(
+            f"{exc}: `srun` is not on PATH. Submit from a SLURM login node, or set cluster.executor: local"
+        ) from None
+    ex.sbatch_lines = plan.sbatch_lines
+    ex.update_parameters(**plan.parameters)
+    return ex
+
+
+# --- submit ---------------------------------------------------------------------------------------
+
+
+def _load_and_check(config: str | Path, overrides: list[str]) -> tuple[RunConfig, Path]:
+    from orchestrator.configfile import load_config, resolve_config_path
+    from orchestrator.datafile import check_data_files
+
+    cfg = load_config(config, overrides)
+    issues = check_data_files(cfg)
+    if issues:
+        raise DataFileError(issues)
+    return cfg, resolve_config_path(config)
+
+
+def dry_run(config: str | Path, overrides: list[str], *, home: str | None, echo: Echo) -> SubmissionPlan:
+    """Print what `submit` would send; create and submit nothing."""
+    cfg, _ = _load_and_check(config, overrides)
+    run_dir = runs.runs_home(home) / runs.new_run_id(cfg.name)
+    plan = plan_submission(cfg, run_dir)
+    echo(f"# dry run: nothing was created or submitted (the run would be {run_dir})")
+    echo(f"# --- {run_dir}/rendered/sbatch.sh ---")
+    echo(plan.rendered["sbatch.sh"].rstrip("\n"))
+    echo("# --- submitit ---")
+    echo(plan.describe())
+    return plan
+
+
+def create_run(cfg: RunConfig, home: Path, config_file: Path | None) -> tuple[Path, RunRecord]:
+    from orchestrator.configfile import dump_config
+
+    home.mkdir(parents=True, exist_ok=True)
+    while True:
+        run_id = runs.new_run_id(cfg.name)
+        run_dir = home / run_id
+        try:
+            run_dir.mkdir()
+            break
+        except FileExistsError:
+            continue
+    (run_dir / "logs").mkdir()
+    text = dump_config(cfg)
+    (run_dir / "run.yaml").write_text(text)
+    c = cfg.cluster
+    record = RunRecord(
+        run_id=run_id,
+        name=cfg.name,
+        config_hash=runs.config_hash(text),
+        created=time.time(),
+        executor=c.executor,
+        run_dir=str(run_dir),
+        home=str(home),
+        config_source=str(config_file.resolve()) if config_file else None,
+        budgets={
+            "max_failures": c.max_failures,
+            "max_preemptions": c.max_preemptions,
+            "max_attempts_without_progress": c.max_attempts_without_progress,
+        },
+    )
+    runs.write_run(run_dir, record)
+    return run_dir, record
+
+
+def submit_attempt(run_dir: Path, cfg: RunConfig, *, note: str | None, freeze: str | None) -> Attempt:
+    """Render, bundle and submit one attempt of the run; record it in run.json.
+
+    A refused submission is recorded (run state `failed`, the scheduler's message) and raised as
+    SubmissionError: the record never shows a job that does not exist.
+    """
+    from orchestrator.bundle import write_bundle
+    from orchestrator.render import write_rendered
+
+    rec = runs.read_run(run_dir)
+    number = len(rec.attempts) + 1
+    exclude = sorted(set(rec.excluded_nodes))
+    plan = plan_submission(cfg, run_dir, exclude=exclude)
+    write_rendered(plan.rendered, run_dir / "rendered")
+    config_file = Path(rec.config_source) if rec.config_source else None
+    write_bundle(run_dir, number, rendered=plan.rendered, config_file=config_file, freeze=freeze)
+    submitted = time.time()
+    try:
+        executor = make_executor(plan)
+        from orchestrator.job import run_worker
+
+        job = executor.submit(run_worker, str(run_dir / "run.yaml"), str(run_dir), plan.env)
+        job_id = str(job.job_id)
+    except Exception as exc:  # submitit raises FailedJobError/FailedSubmissionError/OSError
+        message = str(exc).strip() or type(exc).__name__
+
+        def _failed(r: RunRecord) -> None:
+            r.attempts.append(
+                Attempt(
+                    number=number,
+                    job_id=None,
+                    submitted=submitted,
+                    ended=time.time(),
+                    state="ended",
+                    stop_reason="failed",
+                    error=f"submission failed: {message}",
+                    exclude=plan.cfg.cluster.exclude,
+                    note=note,
+                )
+            )
+            r.state, r.state_reason = runs.FAILED, f"submission failed: {message}"
+
+        runs.update_run(run_dir, _failed)
+        if isinstance(exc, MoeOrchError):
+            raise
+        raise SubmissionError(f"submission failed: {message}") from None
+    logger.info("submitted %s as job %s", run_dir.name, job_id)
+
+    def _record(r: RunRecord) -> None:
+        for att in r.attempts:
+            if att.job_id == job_id and att.submitted is None:
+                att.submitted = submitted
+                return
+        r.attempts.append(
+            Attempt(
+                number=number, job_id=job_id, submitted=submitted, exclude=plan.cfg.cluster.exclude, note=note
+            )
+        )
+        if not r.final:
+            r.state, r.state_reason = runs.PENDING, None
+
+    rec = runs.update_run(run_dir, _record)
+    return rec.attempts[-1]
+
+
+def submit(
+    config: str | Path,
+    overrides: list[str],
+    *,
+    home: str | None,
+    echo: Echo,
+) -> Path:
+    """Validate, create the run, submit attempt 1; returns the run directory."""
+    from orchestrator.bundle import pip_freeze
+
+    cfg, config_file = _load_and_check(config, overrides)
+    run_dir, _ = create_run(cfg, runs.runs_home(home), config_file)
+    echo(run_dir.name)
+    freeze = pip_freeze(cfg.cluster.python)
+    attempt = submit_attempt(run_dir, cfg, note="first submission", freeze=freeze)
+    logger.info("run %s: job %s", run_dir.name, attempt.job_id)
+    return run_dir
+
+
+# --- resume and cancel ------------------------------------------------------------------------
+
+
+def resubmit(run_dir: Path, *, note: str) -> Attempt:
+    """Submit a new attempt of an existing run (new job id, same run directory)."""
+    from orchestrator.configfile import load_resolved
+
+    rec = runs.read_run(run_dir)
+    if rec.state == runs.CANCELLED or rec.cancel_requested:
+        raise SubmissionError(f"run {rec.run_id} was cancelled; a cancelled run never comes back")
+    cfg = load_resolved(run_dir / "run.yaml")
+    return submit_attempt(run_dir, cfg, note=note, freeze=None)
+
+
+def local_alive(job_ids: list[str]) -> dict[str, bool]:
+    """Whether each local job's controller (pid = job id) is alive and is submitit's."""
+    out: dict[str, bool] = {}
+    for jid in job_ids:
+        out[jid] = _pid_is_local_controller(jid)
+    return out
+
+
+def _pid_is_local_controller(jid: str) -> bool:
+    if not jid.isdigit():
+        return False
+    proc = Path("/proc") / jid
+    try:
+        stat = (proc / "stat").read_text()
+        cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[-1].split()[0] if ")" in stat else "?"
+    return state not in ("Z", "X") and "submitit" in cmdline
+
+
+def cancel(run_dir: Path) -> RunRecord:
+    """Cancel the run: record `cancelled` first, then scancel (or signal the local job)."""
+
+    def _mark(r: RunRecord) -> None:
+        r.cancel_requested = True
+        if not r.final:
+            r.state, r.state_reason = runs.CANCELLED, "cancelled by moe-orch cancel"
+
+    rec = runs.update_run(run_dir, _mark)
+    cur = rec.current
+    if cur is None or not cur.job_id:
+        return rec
+    if rec.executor == "local":
+        if _pid_is_local_controller(cur.job_id):
+            # NOTE: submitit's local controller turns SIGINT into killing its tasks (SIGINT, then
+            # SIGKILL after 1 s), like LocalJob.cancel().
+            os.kill(int(cur.job_id), signal.SIGINT)
+    else:
+        from orchestrator import slurm
+
+        try:
+            slurm.scancel(cur.job_id)
+        except SchedulerError:
+            raise
+    return rec
