@@ -193,9 +193,7 @@ def check_data_files(cfg: RunConfig) -> list[ConfigIssue]:
         issues.extend(exc.issues)
     else:
         if not train:
-            issues.append(
-                ConfigIssue("data.train_file", "has no examples; add QA lines", d.train_file)
-            )
+            issues.append(ConfigIssue("data.train_file", "has no examples; add QA lines", d.train_file))
     n_eval = 0
     if d.eval_file is not None:
         try:

@@ -24,6 +24,7 @@ OUT = Path(__file__).resolve().parent.parent / "configs" / "data" / "qa_sample.j
 
 Row = dict[str, object]
 
+# fmt: off
 # ---------------------------------------------------------------- factual_lookup
 CAPITALS = [
     ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
@@ -125,6 +126,7 @@ SETS = [
     ("the first five prime numbers", ["2", "3", "5", "7", "11"]),
 ]
 SET_QUESTIONS = ["Name {x}.", "List {x}.", "What are {x}?", "which are {x}"]
+# fmt: on
 
 
 def factual_lookup(rng: random.Random) -> list[Row]:
