@@ -98,57 +98,78 @@ def count_params(arch: MptArch, cfg: RunConfig) -> ParamCounts:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """Model-state bytes per rank, split the way ZeRO keeps them (activations come on top)."""
+
     params: ParamCounts
-    # Bytes per rank, split the way ZeRO partitions them.
-    non_expert_params_grads: int
-    expert_params_grads: int
-    non_expert_optimizer: int
-    expert_optimizer: int
+    zero_stage: int
+    # Held in full by every rank that owns the parameters: the training-dtype weights (and, below
+    # ZeRO-2, their gradients).
+    non_expert_replicated: int
+    expert_replicated: int
+    # Split over the data-parallel group (non-expert) or the expert-data-parallel group (experts):
+    # gradients from ZeRO-2 on, the fp32 master weights and Adam's two moments.
+    non_expert_partitioned: int
+    expert_partitioned: int
+
+    @property
+    def non_expert_bytes(self) -> int:
+        return self.non_expert_replicated + self.non_expert_partitioned
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.expert_replicated + self.expert_partitioned
 
     @property
     def total_bytes(self) -> int:
-        return (
-            self.non_expert_params_grads
-            + self.expert_params_grads
-            + self.non_expert_optimizer
-            + self.expert_optimizer
-        )
+        return self.non_expert_bytes + self.expert_bytes
 
     @property
     def total_gb(self) -> float:
         return self.total_bytes / 1e9
 
 
-def estimate_memory(cfg: RunConfig) -> MemoryEstimate | None:
-    """ZeRO-1/2 model states per rank; None when the architecture is unknown offline.
+def bytes_per_param(precision: str, zero_stage: int) -> tuple[int, int]:
+    """(replicated, partitioned) bytes per parameter for a precision and ZeRO stage.
 
-    Replicated on every rank: parameters and gradients in the training dtype (2 bytes each in
-    bf16/fp16, 4 in fp32). Partitioned: 16 bytes per parameter (fp32 master copy, fp32 gradient
-    partition, Adam's two moments), the same split DeepSpeed's ZeRO-2 estimator assumes. Expert
-    parameters live on 1/ep_size of the ranks, and their partitioned states are split over the
-    expert-data-parallel group (world / ep_size) only.
+    Mixed precision (bf16/fp16) follows DeepSpeed's `estimate_zero2_model_states_mem_needs`:
+    2 bytes of 16-bit weights on every rank, and 18 partitioned bytes (16-bit gradient, fp32
+    gradient, fp32 master weight, Adam's two fp32 moments). In fp32 the weights are 4 bytes and the
+    gradient needs no second copy: 4 + 16 partitioned bytes (gradient, master copy, two moments).
+    Below ZeRO-2 the gradient is not partitioned; at ZeRO-0 nothing is.
+    """
+    width = 4 if precision == "fp32" else 2
+    grad16 = width if precision != "fp32" else 0  # the extra half-precision gradient buffer
+    states = 4 + 4 + 8  # fp32 gradient partition, fp32 master weights, Adam exp_avg + exp_avg_sq
+    if zero_stage == 0:
+        return width + grad16 + states, 0
+    if zero_stage == 1:
+        return width + grad16, states
+    if zero_stage == 2:
+        return width, grad16 + states
+    return 0, width + grad16 + states  # stage 3 (dense only): everything partitioned
+
+
+def estimate_memory(cfg: RunConfig) -> MemoryEstimate | None:
+    """ZeRO model states per rank; None when the architecture is unknown offline.
+
+    Non-expert parameters live on every rank and ZeRO splits their partitioned states over the
+    whole data-parallel group (world size). Each rank holds `1/ep_size` of the experts, and their
+    partitioned states are split over the expert-data-parallel group (world / ep_size) only. For a
+    dense layout in bf16 with ZeRO-2 this equals DeepSpeed's `estimate_zero2_model_states_mem_needs`
+    GPU figure (checked in tests).
     """
     arch = architecture(cfg)
     if arch is None:
         return None
     counts = count_params(arch, cfg)
-    width = 4 if cfg.training.precision == "fp32" else 2
-    world = cfg.world_size
-    ep = cfg.ep_size
-    edp = cfg.expert_data_parallel_size
-    experts_local = counts.expert // ep
-    if cfg.training.zero_stage == 0:
-        # No partitioning: every rank holds all optimizer state of what it owns.
-        ne_opt, ex_opt = 16 * counts.non_expert, 16 * experts_local
-    elif cfg.training.zero_stage == 1:
-        # Stage 1 partitions only the optimizer states; the fp32 gradient is not kept apart.
-        ne_opt, ex_opt = 12 * counts.non_expert // world, 12 * experts_local // edp
-    else:
-        ne_opt, ex_opt = 16 * counts.non_expert // world, 16 * experts_local // edp
+    stage = cfg.training.zero_stage
+    replicated, partitioned = bytes_per_param(cfg.training.precision, stage)
+    experts_local = counts.expert // cfg.ep_size
     return MemoryEstimate(
         params=counts,
-        non_expert_params_grads=2 * width * counts.non_expert,
-        expert_params_grads=2 * width * experts_local,
-        non_expert_optimizer=ne_opt,
-        expert_optimizer=ex_opt,
+        zero_stage=stage,
+        non_expert_replicated=replicated * counts.non_expert,
+        expert_replicated=replicated * experts_local,
+        non_expert_partitioned=partitioned * counts.non_expert // cfg.data_parallel_size,
+        expert_partitioned=partitioned * experts_local // cfg.expert_data_parallel_size,
     )

@@ -1,0 +1,259 @@
+"""`moe-orch validate`: every check that can run before the queue wait, and the numbers of the run.
+
+`validate(cfg)` checks what the schema cannot see (data files, values SLURM cannot take) and
+returns a `Summary`: world and parallel sizes, the global batch as its product, tokens per step,
+parameter counts and the ZeRO model-state memory per GPU. `summary_rows` turns it into plain
+(label, value) text; the CLI draws it with rich.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.config import RunConfig
+from orchestrator.configfile import load_config
+from orchestrator.datafile import check_data_files
+from orchestrator.errors import DataFileError
+from orchestrator.estimate import MemoryEstimate, ParamCounts, architecture, estimate_memory
+from orchestrator.render import sbatch_options
+
+logger = logging.getLogger(__name__)
+
+WarningCheck = Callable[[RunConfig], list[str]]
+
+
+@dataclass
+class Summary:
+    """The numbers `validate` reports for a valid config."""
+
+    name: str
+    executor: str
+    nodes: int
+    tasks_per_node: int
+    world_size: int
+    data_parallel_size: int
+    ep_size: int
+    expert_parallel_groups: int  # world / ep_size: how many full copies of every expert exist
+    experts_per_rank: int  # per MoE layer; 0 for a dense layout
+    moe_layers: int | None  # None when the architecture is unknown offline
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    global_batch_size: int
+    tokens_per_step: int
+    precision: str
+    zero_stage: int
+    params: ParamCounts | None
+    active_params_per_token: int | None
+    memory: MemoryEstimate | None
+    gpu_mem_gb: float | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _warn_unknown_architecture(cfg: RunConfig) -> list[str]:
+    if architecture(cfg) is not None:
+        return []
+    return [
+        f"model {cfg.model.name_or_path!r} is not a known MPT and has no local config.json, so there "
+        "is no parameter count or memory estimate (and cluster.gpu_mem_gb is not checked)"
+    ]
+
+
+def _warn_gpu_mem_unset(cfg: RunConfig) -> list[str]:
+    if cfg.cpu_only or cfg.cluster.gpu_mem_gb is not None:
+        return []
+    return ["cluster.gpu_mem_gb is unset, so the memory estimate is not checked against the GPUs"]
+
+
+def _warn_memory_tight(cfg: RunConfig) -> list[str]:
+    gpu = cfg.cluster.gpu_mem_gb
+    est = estimate_memory(cfg) if gpu is not None else None
+    if gpu is None or est is None or est.total_gb <= 0.9 * gpu:
+        return []
+    return [
+        f"model states take {est.total_gb:.1f} of {gpu:g} GB per GPU, leaving little for activations; "
+        "consider model.gradient_checkpointing, a larger moe.ep_size or more ranks"
+    ]
+
+
+def _warn_signal_vs_time(cfg: RunConfig) -> list[str]:
+    c = cfg.cluster
+    if c.executor != "slurm" or c.signal_delay_s * 2 <= c.time_min * 60:
+        return []
+    return [
+        f"cluster.signal_delay_s {c.signal_delay_s} is more than half of time_min {c.time_min} min: "
+        "every attempt is told to save and stop before half of its time has run"
+    ]
+
+
+def _warn_no_partition(cfg: RunConfig) -> list[str]:
+    if cfg.cluster.executor != "slurm" or cfg.cluster.partition is not None:
+        return []
+    return ["cluster.partition is unset: the cluster's default partition applies"]
+
+
+WARNING_CHECKS: list[WarningCheck] = [
+    _warn_unknown_architecture,
+    _warn_gpu_mem_unset,
+    _warn_memory_tight,
+    _warn_signal_vs_time,
+    _warn_no_partition,
+]
+"""Advice that does not stop a run. Append a check here (e.g. signal_delay_s against a measured
+save time) and `validate`, `submit` and the CLI show it."""
+
+
+def collect_warnings(cfg: RunConfig, checks: Iterable[WarningCheck] = ()) -> list[str]:
+    """Every warning for `cfg`: the registered checks, then `checks`."""
+    out: list[str] = []
+    for check in [*WARNING_CHECKS, *checks]:
+        out.extend(check(cfg))
+    return out
+
+
+def check_files(cfg: RunConfig) -> None:
+    """Raise DataFileError when a data file is missing or has bad lines (each issue at file:line)."""
+    issues = check_data_files(cfg)
+    if issues:
+        raise DataFileError(issues)
+
+
+def summarize(cfg: RunConfig, warnings: list[str] | None = None) -> Summary:
+    """The numbers of a (valid) config, with no file access beyond a local model's config.json."""
+    arch = architecture(cfg)
+    params = estimate = None
+    moe_layers = None
+    if arch is not None:
+        estimate = estimate_memory(cfg)
+        params = estimate.params if estimate is not None else None
+        moe_layers = len(cfg.moe.moe_layer_indices(arch.n_layers))
+    active = params.active_per_token(cfg.moe.top_k, cfg.moe.num_experts) if params is not None else None
+    return Summary(
+        name=cfg.name,
+        executor=cfg.cluster.executor,
+        nodes=cfg.cluster.nodes,
+        tasks_per_node=cfg.cluster.tasks_per_node,
+        world_size=cfg.world_size,
+        data_parallel_size=cfg.data_parallel_size,
+        ep_size=cfg.ep_size,
+        expert_parallel_groups=cfg.expert_data_parallel_size,
+        experts_per_rank=cfg.moe.num_experts // cfg.ep_size if cfg.moe.enabled else 0,
+        moe_layers=moe_layers,
+        micro_batch_size=cfg.training.micro_batch_size,
+        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+        global_batch_size=cfg.global_batch_size,
+        tokens_per_step=cfg.tokens_per_step,
+        precision=cfg.training.precision,
+        zero_stage=cfg.training.zero_stage,
+        params=params,
+        active_params_per_token=active,
+        memory=estimate,
+        gpu_mem_gb=cfg.cluster.gpu_mem_gb,
+        warnings=list(warnings or []),
+    )
+
+
+def validate(cfg: RunConfig, *, check_data: bool = True) -> Summary:
+    """Check what the schema cannot (data files, sbatch values) and summarise the run.
+
+    Raises ConfigError / DataFileError with every issue located (field path, file:line).
+    """
+    if cfg.cluster.executor == "slurm":
+        # Values SLURM cannot take (a newline in a partition name) fail here, not at submit.
+        sbatch_options(cfg, Path("/run-dir"))
+    if check_data:
+        check_files(cfg)
+    return summarize(cfg, collect_warnings(cfg))
+
+
+def validate_file(spec: str | Path, overrides: Iterable[str] = (), *, check_data: bool = True) -> Summary:
+    """`moe-orch validate CONFIG --set ...`: load (a path or a shipped config's name) and validate."""
+    cfg = load_config(spec, list(overrides))
+    return validate(cfg, check_data=check_data)
+
+
+# --- plain-text rendering -------------------------------------------------------------------------
+
+
+def human_count(n: int) -> str:
+    """1234567 -> '1.23M' (parameters, tokens)."""
+    for limit, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= limit:
+            return f"{n / limit:.2f}{suffix}"
+    return str(n)
+
+
+def human_bytes(n_bytes: int) -> str:
+    """Decimal units, as GPU memory is quoted: 1.5e9 -> '1.50 GB'."""
+    for limit, suffix in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if n_bytes >= limit:
+            return f"{n_bytes / limit:.2f} {suffix}"
+    return f"{n_bytes} B"
+
+
+def summary_rows(s: Summary) -> list[tuple[str, str]]:
+    """The summary as (label, value) lines, in reading order."""
+    rows: list[tuple[str, str]] = [
+        ("run", f"{s.name} ({s.executor} executor)"),
+        ("world size", f"{s.world_size} = {s.nodes} nodes x {s.tasks_per_node} ranks/node"),
+        ("data-parallel size", str(s.data_parallel_size)),
+    ]
+    if s.experts_per_rank:
+        rows += [
+            (
+                "expert parallelism",
+                f"ep_size {s.ep_size}, {s.expert_parallel_groups} expert-parallel group"
+                + ("s" if s.expert_parallel_groups != 1 else ""),
+            ),
+            ("experts per rank", f"{s.experts_per_rank} per MoE layer"),
+        ]
+        if s.moe_layers is not None:
+            rows.append(("MoE layers", str(s.moe_layers)))
+    else:
+        rows.append(("MoE", "disabled (dense layout)"))
+    rows += [
+        (
+            "global batch",
+            f"{s.global_batch_size} = {s.micro_batch_size} micro x {s.gradient_accumulation_steps} "
+            f"accumulation x {s.data_parallel_size} data-parallel",
+        ),
+        ("tokens per step", f"{human_count(s.tokens_per_step)} (at most: every sequence at max_seq_length)"),
+        ("precision / ZeRO", f"{s.precision}, stage {s.zero_stage}"),
+    ]
+    if s.params is not None:
+        p = s.params
+        rows += [
+            ("parameters", f"{human_count(p.total)} total ({human_count(p.expert)} in experts)"),
+            ("active per token", human_count(s.active_params_per_token or p.total)),
+            ("dense parent", human_count(p.dense_parent)),
+        ]
+    if s.memory is not None:
+        m = s.memory
+        limit = f" of {s.gpu_mem_gb:g} GB" if s.gpu_mem_gb is not None else ""
+        rows += [
+            ("model states/rank", f"{human_bytes(m.total_bytes)}{limit} (ZeRO-{m.zero_stage} estimate)"),
+            (
+                "  non-expert",
+                f"{human_bytes(m.non_expert_bytes)}: weights {human_bytes(m.non_expert_replicated)}"
+                f" + partitioned {human_bytes(m.non_expert_partitioned)}",
+            ),
+            (
+                "  experts",
+                f"{human_bytes(m.expert_bytes)}: weights {human_bytes(m.expert_replicated)}"
+                f" + partitioned {human_bytes(m.expert_partitioned)}",
+            ),
+            ("  note", "activations and buffers come on top of model states"),
+        ]
+    return rows
+
+
+def summary_text(s: Summary) -> str:
+    """The summary as plain text (logs, tests, `--plain`)."""
+    rows = summary_rows(s)
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{label.ljust(width)}  {value}" for label, value in rows]
+    lines += [f"warning: {w}" for w in s.warnings]
+    return "\n".join(lines)
+
