@@ -6,7 +6,8 @@ it. Keep this module free of torch imports: the CLI-latency benchmark must not p
 
     from bench.common import Result, median_time, write_results
 
-    t = median_time(lambda: step(), repeats=5, warmup=1)          # seconds
+    t = median_time(lambda: step(), repeats=5, warmup=1)          # wall seconds
+    ts = interleaved_medians({"ours": f, "stock": g}, clock=CPU_CLOCK)  # CPU seconds, round-robin
     results = [Result("moe_layer/top1/S=4096", ours=t, baseline=t_stock, unit="ms")]
     print(markdown_table(results))
     write_results("moe-layer", results, meta={"threads": 1})
@@ -25,7 +26,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -36,8 +37,18 @@ logger = logging.getLogger(__name__)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def time_samples(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> list[float]:
-    """Wall-clock seconds of `repeats` calls of `fn`, after `warmup` untimed calls."""
+Clock = Callable[[], float]
+
+#: CPU seconds of this process: on a shared machine (other jobs on the same cores) wall time
+#: measures the neighbours as much as the code; CPU time of a 1-thread computation does not.
+CPU_CLOCK: Clock = time.process_time
+WALL_CLOCK: Clock = time.perf_counter
+
+
+def time_samples(
+    fn: Callable[[], object], repeats: int = 5, warmup: int = 1, clock: Clock = WALL_CLOCK
+) -> list[float]:
+    """Seconds (by `clock`) of `repeats` calls of `fn`, after `warmup` untimed calls."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     for _ in range(warmup):
@@ -46,15 +57,32 @@ def time_samples(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) ->
     for _ in range(repeats):
         # NOTE: collect garbage outside the timed region so one call's frees do not land in the next.
         gc.collect()
-        start = time.perf_counter()
+        start = clock()
         fn()
-        samples.append(time.perf_counter() - start)
+        samples.append(clock() - start)
     return samples
 
 
-def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall-clock seconds of one call of `fn` (the median resists the odd slow run)."""
-    return statistics.median(time_samples(fn, repeats, warmup))
+def median_time(
+    fn: Callable[[], object], repeats: int = 5, warmup: int = 1, clock: Clock = WALL_CLOCK
+) -> float:
+    """Median seconds of one call of `fn` (the median resists the odd slow run)."""
+    return statistics.median(time_samples(fn, repeats, warmup, clock))
+
+
+def interleaved_medians(
+    fns: Mapping[str, Callable[[], object]], repeats: int = 5, warmup: int = 1, clock: Clock = WALL_CLOCK
+) -> dict[str, float]:
+    """Median seconds per named function, timed round-robin (a, b, c, a, b, c, ...) so that a
+    slow phase of the machine hits every contender alike; use it for A-versus-B comparisons."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name] += time_samples(fn, repeats=1, warmup=0, clock=clock)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 @dataclass
