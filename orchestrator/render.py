@@ -139,7 +139,7 @@ def sbatch_options(cfg: RunConfig, run_dir: Path) -> list[tuple[str, str]]:
 
 
 def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
-    """The DeepSpeed config dict (ds_config.json); the worker passes the same dict to initialize.
+    """The DeepSpeed config dict (ds_config.json); equal to `worker.train.deepspeed_config` (tested).
 
     `train_batch_size` must equal micro × accumulation × data-parallel size: DeepSpeed asserts it.
     """
@@ -150,11 +150,12 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "gradient_clipping": t.max_grad_norm,
         "zero_optimization": {"stage": t.zero_stage},
-        # NOTE: the worker uses torch's AdamW (DeepSpeed's own optimizers JIT-compile C++ for ~80 s).
-        "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16"},
-        "steps_per_print": t.logging_steps,
+        # NOTE: the worker uses torch's AdamW (DeepSpeed's own optimizers JIT-compile C++ for ~80 s).
+        "zero_allow_untested_optimizer": True,
+        # The worker logs its own metrics (metrics.jsonl); DeepSpeed's step prints stay off.
+        "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
