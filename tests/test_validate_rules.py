@@ -83,7 +83,13 @@ RULES: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
         "unknown key; did you mean `learning_rate`?",
     ),
     ("wrong type", "cluster.nodes", {"cluster.nodes": 1}, {"cluster.nodes": "two"}, "valid integer"),
-    ("range", "training.micro_batch_size", {"training.micro_batch_size": 1}, {"training.micro_batch_size": 0}, "greater than or equal to 1 (got 0)"),
+    (
+        "range",
+        "training.micro_batch_size",
+        {"training.micro_batch_size": 1},
+        {"training.micro_batch_size": 0},
+        "greater than or equal to 1 (got 0)",
+    ),
     ("choice", "training.precision", {"training.precision": "fp32"}, {"training.precision": "fp8"}, "'fp32'"),
     (
         "num_experts divisible by ep_size",
@@ -113,8 +119,20 @@ RULES: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
         {"data.max_target_length": 64},
         "must be less than max_seq_length 64",
     ),
-    ("bf16 on CPU-only", "training.precision", {"training.precision": "fp32"}, {"training.precision": "bf16"}, "fp32"),
-    ("fp16 on CPU-only", "training.precision", {"training.precision": "fp32"}, {"training.precision": "fp16"}, "GPUs"),
+    (
+        "bf16 on CPU-only",
+        "training.precision",
+        {"training.precision": "fp32"},
+        {"training.precision": "bf16"},
+        "fp32",
+    ),
+    (
+        "fp16 on CPU-only",
+        "training.precision",
+        {"training.precision": "fp32"},
+        {"training.precision": "fp16"},
+        "GPUs",
+    ),
     (
         "memory over gpu_mem_gb",
         "cluster.gpu_mem_gb",
@@ -151,8 +169,20 @@ RULES: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
         {"moe.implementation": "dropless", "moe.ep_size": 2},
         "use ep_size: 1",
     ),
-    ("MoE layer indices exist", "moe.layers", {"moe.layers": [0, 1]}, {"moe.layers": [0, 5]}, "[5] do not exist"),
-    ("env names", "cluster.env", {"cluster.env": {"GOOD_NAME": "1"}}, {"cluster.env": {"BAD-NAME": "1"}}, "BAD-NAME"),
+    (
+        "MoE layer indices exist",
+        "moe.layers",
+        {"moe.layers": [0, 1]},
+        {"moe.layers": [0, 5]},
+        "[5] do not exist",
+    ),
+    (
+        "env names",
+        "cluster.env",
+        {"cluster.env": {"GOOD_NAME": "1"}},
+        {"cluster.env": {"BAD-NAME": "1"}},
+        "BAD-NAME",
+    ),
     (
         "sbatch_extra key form",
         "cluster.sbatch_extra",
@@ -170,7 +200,9 @@ RULES: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("field", "good", "bad", "fragment"), [r[1:] for r in RULES], ids=[r[0] for r in RULES])
+@pytest.mark.parametrize(
+    ("field", "good", "bad", "fragment"), [r[1:] for r in RULES], ids=[r[0] for r in RULES]
+)
 def test_rule_accepts_the_good_value_and_refuses_the_bad_one_at_its_line(
     tmp_path: Path, field: str, good: dict[str, Any], bad: dict[str, Any], fragment: str
 ) -> None:
@@ -193,13 +225,15 @@ def test_rule_accepts_the_good_value_and_refuses_the_bad_one_at_its_line(
 
 def test_sbatch_extra_cannot_override_an_option_moe_orch_sets(tmp_path: Path) -> None:
     path, _ = write_config(tmp_path, {"cluster.executor": "slurm", "cluster.sbatch_extra": {"nodes": "3"}})
-    with pytest.raises(ConfigError, match="set cluster.nodes instead") as info:
+    with pytest.raises(ConfigError, match=r"set cluster\.nodes instead") as info:
         validate_file(path)
     assert info.value.issues[0].path == "cluster.sbatch_extra.nodes"
 
 
 def test_a_newline_in_a_slurm_value_is_refused_before_it_reaches_sbatch(tmp_path: Path) -> None:
-    path, _ = write_config(tmp_path, {"cluster.executor": "slurm", "cluster.partition": "debug\ntouch /tmp/x"})
+    path, _ = write_config(
+        tmp_path, {"cluster.executor": "slurm", "cluster.partition": "debug\ntouch /tmp/x"}
+    )
     with pytest.raises(ConfigError, match="newline") as info:
         validate_file(path)
     assert info.value.issues[0].path == "cluster.partition"
