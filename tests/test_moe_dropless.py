@@ -8,6 +8,7 @@ import re
 import socket
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -226,3 +227,17 @@ def test_parameter_names_are_deepspeeds_and_experts_are_not_marked_as_moe_params
 def test_expert_parallelism_is_refused_with_the_fix_in_the_message() -> None:
     with pytest.raises(ValueError, match=re.escape("ep_size: 1 or moe.implementation: deepspeed")):
         DroplessMoE(D, _expert(), num_experts=4, ep_size=2)
+
+
+def test_moe_layer_benchmark_smoke_returns_a_timed_record_per_token_count(ds_world: None) -> None:
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from bench.moe_layer import run
+
+    results = run(smoke=True, tokens=[64, 128], top_ks=(1,), repeats=1, warmup=0)
+    assert [r.name for r in results] == ["moe fwd+bwd top1 S=64", "moe fwd+bwd top1 S=128"]
+    for r in results:
+        assert r.ours > 0 and r.baseline is not None and r.baseline > 0
+        assert r.ratio == pytest.approx(r.ours / r.baseline)
+        assert "dense" in r.note
