@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -197,6 +197,181 @@ def configs() -> None:
     for shipped in shipped_configs():
         table.add_row(shipped.name, shipped.description)
     out.print(table)
+
+
+# --- runs: submit, status, logs, cancel, plot, watch, resume (library: orchestrator/submit.py,
+# status.py, logs.py, plot.py, watch.py) ---------------------------------------------------------
+
+if TYPE_CHECKING:
+    from orchestrator.status import RunView
+
+RunArg = Annotated[str, typer.Argument(metavar="RUN", help="A run id (or a unique prefix), or its folder.")]
+
+
+def _echo(line: str) -> None:
+    out.print(Text(line))
+
+
+def _find(home: Path | None, run: str) -> Path:
+    from orchestrator.runs import find_run
+
+    return _run_cli(lambda: find_run(home_dir(home), run))
+
+
+@app.command()
+def submit(
+    config: ConfigArg,
+    set_: SetOption = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would be submitted; submit nothing.")
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the run to its end; exit 0 only if it completed.")
+    ] = False,
+    home: HomeOption = None,
+) -> None:
+    """Validate, create a run (printing its id), render and submit it through submitit."""
+    from orchestrator import submit as submit_lib
+
+    if dry_run:
+        _run_cli(lambda: submit_lib.dry_run(config, set_ or [], home=str(home_dir(home)), echo=_echo))
+        return
+    run_dir = _run_cli(lambda: submit_lib.submit(config, set_ or [], home=str(home_dir(home)), echo=_echo))
+    if wait:
+        from orchestrator.watch import follow
+
+        rec = _run_cli(lambda: follow(run_dir, _echo))
+        if rec.state != "completed":
+            raise typer.Exit(1)
+
+
+def _status_table(views: list[RunView]) -> Table:
+    from orchestrator.status import table_rows
+
+    table = Table(box=None, pad_edge=False)
+    rows = table_rows(views)
+    for col in ("run", "state", "attempts", "step", "progress", "loss", "tokens/s", "eta", "age"):
+        table.add_column(col, no_wrap=col in ("run", "progress"))
+    for row in rows:
+        table.add_row(*(Text(v) for v in row.values()))
+    return table
+
+
+@app.command()
+def status(
+    run: Annotated[str | None, typer.Argument(metavar="[RUN]", help="Show one run in detail.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run record(s) as JSON.")] = False,
+    watch_: Annotated[bool, typer.Option("--watch", help="Refresh live until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
+    home: HomeOption = None,
+) -> None:
+    """All runs as a table (state, attempts, step, loss, tokens/s, ETA), or one run in detail."""
+    import json
+    import time
+
+    from orchestrator import runs as runs_lib
+    from orchestrator.status import detail_lines, poll, run_detail
+
+    root = home_dir(home)
+    dirs = [_find(home, run)] if run else runs_lib.list_runs(root)
+
+    def render() -> Text | Table:
+        views = poll(dirs)
+        if run:
+            return Text("\n".join(detail_lines(run_detail(views[0]))))
+        return _status_table(views)
+
+    if as_json:
+        views = _run_cli(lambda: poll(dirs))
+        data = [run_detail(v) for v in views]
+        sys.stdout.write(json.dumps(data[0] if run else data, indent=2) + "\n")
+        return
+    if not watch_:
+        out.print(_run_cli(render))
+        return
+    from rich.live import Live
+
+    try:
+        with Live(_run_cli(render), console=out, refresh_per_second=4) as live:
+            while True:
+                time.sleep(interval)
+                live.update(_run_cli(render))
+    except KeyboardInterrupt:
+        return
+
+
+@app.command()
+def logs(
+    run: RunArg,
+    rank: Annotated[int | None, typer.Option("--rank", help="Only this global rank.")] = None,
+    attempt: Annotated[
+        int | None, typer.Option("--attempt", help="Only this attempt (see `status RUN`).")
+    ] = None,
+    follow_: Annotated[
+        bool, typer.Option("--follow", "-f", help="Stream new lines until the run ends.")
+    ] = False,
+    stderr: Annotated[
+        bool, typer.Option("--stderr", help="Show stderr (tracebacks) instead of stdout.")
+    ] = False,
+    tail: Annotated[int | None, typer.Option("--tail", help="Last N lines of each rank and attempt.")] = None,
+    home: HomeOption = None,
+) -> None:
+    """Every rank's output across attempts, each line prefixed with its rank (and attempt)."""
+    from orchestrator.logs import follow_logs, show_logs
+
+    run_dir = _find(home, run)
+    _run_cli(lambda: show_logs(run_dir, rank=rank, attempt=attempt, stderr=stderr, tail=tail, echo=_echo))
+    if follow_:
+        _run_cli(lambda: follow_logs(run_dir, rank=rank, stderr=stderr, echo=_echo, start_at_end=True))
+
+
+@app.command()
+def cancel(run: RunArg, home: HomeOption = None) -> None:
+    """Cancel the run's job; the run ends `cancelled` and is never requeued or resubmitted."""
+    from orchestrator.submit import cancel as cancel_run
+
+    rec = _run_cli(lambda: cancel_run(_find(home, run)))
+    job = rec.current.job_id if rec.current else None
+    out.print(Text(f"{rec.run_id}: cancelled" + (f" (job {job})" if job else "")))
+
+
+@app.command()
+def plot(
+    run: RunArg,
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.", show_default=False)],
+    home: HomeOption = None,
+) -> None:
+    """Plot loss, eval loss, tokens/s, expert load per layer and the expert_label x expert heatmap."""
+    from orchestrator.plot import plot_run
+
+    path = _run_cli(lambda: plot_run(_find(home, run), out_file))
+    out.print(Text(f"wrote {path}"))
+
+
+@app.command()
+def watch(
+    runs: Annotated[
+        list[str] | None, typer.Argument(metavar="[RUN]...", help="Runs to watch (default: all unfinished).")
+    ] = None,
+    interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 30.0,
+    once: Annotated[bool, typer.Option("--once", help="Reconcile once and exit.")] = False,
+    home: HomeOption = None,
+) -> None:
+    """Resubmit attempts that died without a requeue, within the budgets; exclude failed nodes."""
+    from orchestrator.watch import watch as watch_runs
+
+    _run_cli(lambda: watch_runs(home_dir(home), runs or [], interval=interval, once=once, echo=_echo))
+
+
+@app.command()
+def resume(run: RunArg, home: HomeOption = None) -> None:
+    """Resubmit a stopped or failed run once (new job, same run; resumes from its checkpoint)."""
+    from orchestrator.watch import resume as resume_run
+
+    rec = _run_cli(lambda: resume_run(_find(home, run)))
+    cur = rec.current
+    job, number = (cur.job_id, cur.number) if cur else ("?", "?")
+    out.print(Text(f"{rec.run_id}: resubmitted as job {job} (attempt {number})"))
 
 
 def main() -> None:

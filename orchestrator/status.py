@@ -1,0 +1,221 @@
+"""`status`: refresh run records from one batched scheduler query, and describe them.
+
+`poll` is the one place where records meet the scheduler: it gathers liveness first (one
+`squeue` + one `sacct` for every SLURM job of every run; pid checks for local jobs), then reads
+each run's events and rewrites its `run.json` under the lock. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator import runs
+from orchestrator.reconcile import Budgets, reconcile
+from orchestrator.runs import RunRecord
+from orchestrator.slurm import Snapshot
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunView:
+    """A refreshed run with what its table row shows."""
+
+    run_dir: Path
+    record: RunRecord
+    progress: dict[str, Any] | None
+    snapshot: Snapshot | None
+
+    @property
+    def step(self) -> int | None:
+        if self.progress and isinstance(self.progress.get("step"), int):
+            return int(self.progress["step"])
+        steps = [a.last_step for a in self.record.attempts if a.last_step is not None]
+        return max(steps) if steps else None
+
+    @property
+    def total_steps(self) -> int | None:
+        total = (self.progress or {}).get("total_steps")
+        return int(total) if isinstance(total, int) else None
+
+    def eta_s(self) -> float | None:
+        p = self.progress or {}
+        step, total, dt = p.get("step"), p.get("total_steps"), p.get("step_time_s")
+        if self.record.state != runs.RUNNING:
+            return None
+        if not (
+            isinstance(step, (int, float))
+            and isinstance(total, (int, float))
+            and isinstance(dt, (int, float))
+        ):
+            return None
+        return max(0.0, (float(total) - float(step)) * float(dt))
+
+
+def _needs_scheduler(rec: RunRecord) -> bool:
+    return rec.executor == "slurm" and (not rec.final or rec.state == runs.CANCELLED)
+
+
+def poll(run_dirs: list[Path], *, now: float | None = None) -> list[RunView]:
+    """Refresh every run in `run_dirs` (one scheduler query for all) and return their views."""
+    from orchestrator import slurm
+    from orchestrator.submit import local_alive
+
+    records = []
+    for d in run_dirs:
+        try:
+            records.append((d, runs.read_run(d)))
+        except Exception as exc:  # a broken run.json must not hide the others
+            logger.warning("skipping %s: %s", d, exc)
+    slurm_ids = [
+        a.job_id
+        for _, r in records
+        if _needs_scheduler(r)
+        for a in r.attempts
+        if a.job_id and a.state != "ended"
+    ]
+    # Also the latest job of each run: its scheduler row says whether SLURM requeued it.
+    slurm_ids += [
+        r.current.job_id for _, r in records if _needs_scheduler(r) and r.current and r.current.job_id
+    ]
+    snap = slurm.query(slurm_ids) if slurm_ids else None
+    local_ids = [a.job_id for _, r in records if r.executor == "local" for a in r.attempts if a.job_id]
+    alive = local_alive(local_ids) if local_ids else {}
+    stamp = now if now is not None else time.time()
+    views: list[RunView] = []
+    for d, rec in records:
+        if rec.final and rec.state != runs.CANCELLED and not _events_newer(d, rec):
+            views.append(RunView(d, rec, runs.read_progress(d), snap))
+            continue
+
+        def _refresh(r: RunRecord, d: Path = d) -> None:
+            reconcile(
+                r,
+                runs.read_events(d),
+                progress=runs.read_progress(d),
+                snapshot=snap,
+                local_alive=alive,
+                budgets=Budgets.from_dict(r.budgets),
+                now=stamp,
+            )
+
+        try:
+            rec = runs.update_run(d, _refresh)
+        except OSError as exc:  # read-only home: show what we can
+            logger.warning("cannot update %s: %s", d, exc)
+            _refresh(rec)
+        views.append(RunView(d, rec, runs.read_progress(d), snap))
+    return views
+
+
+def _events_newer(run_dir: Path, rec: RunRecord) -> bool:
+    try:
+        return (run_dir / "events.jsonl").stat().st_mtime > rec.updated
+    except OSError:
+        return False
+
+
+# --- presentation helpers (plain data; the CLI renders them with rich) -------------------------
+
+
+def human_age(seconds: float) -> str:
+    s = int(max(0, seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+
+
+def progress_bar(step: int | None, total: int | None, width: int = 12) -> str:
+    if step is None or not total:
+        return ""
+    filled = min(width, round(width * step / total))
+    return "█" * filled + "░" * (width - filled)
+
+
+def table_rows(views: list[RunView], now: float | None = None) -> list[dict[str, str]]:
+    """One row per run: name, state, attempts, step/total + bar, loss, tokens/s, ETA, age."""
+    stamp = now if now is not None else time.time()
+    rows = []
+    for v in views:
+        r, p = v.record, v.progress or {}
+        step, total = v.step, v.total_steps
+        loss = p.get("loss")
+        tps = p.get("tokens_per_s")
+        eta = v.eta_s()
+        rows.append(
+            {
+                "run": r.run_id,
+                "state": r.state,
+                "attempts": str(len(r.attempts)),
+                "step": (f"{step}/{total}" if total else (str(step) if step is not None else "-")),
+                "progress": progress_bar(step, total),
+                "loss": f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
+                "tokens/s": f"{tps:,.0f}" if isinstance(tps, (int, float)) else "-",
+                "eta": human_age(eta) if eta is not None else "-",
+                "age": human_age(stamp - r.created),
+            }
+        )
+    return rows
+
+
+def latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """The newest checkpoint whose manifest verifies (file sizes; `worker.checkpoint` is
+    torch-free), as {tag, step, path}."""
+    from worker.checkpoint import latest_valid_checkpoint
+
+    try:
+        found = latest_valid_checkpoint(run_dir, full=False)
+    except Exception as exc:  # status must not fail on a checkpoint problem
+        logger.warning("checking checkpoints in %s: %s", run_dir, exc)
+        return None
+    if found is None:
+        return None
+    manifest = _read_manifest(found)
+    return {"tag": found.name, "step": manifest.get("step") if manifest else None, "path": str(found)}
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((path / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def run_detail(view: RunView) -> dict[str, Any]:
+    """`status RUN`: the record plus latest valid checkpoint and progress (also `--json`)."""
+    data = view.record.to_dict()
+    data["progress"] = view.progress
+    data["latest_checkpoint"] = latest_checkpoint(view.run_dir)
+    return data
+
+
+def detail_lines(detail: dict[str, Any]) -> list[str]:
+    """`status RUN` as text: state, folder, latest valid checkpoint, one line per attempt."""
+    reason = f" ({detail['state_reason']})" if detail.get("state_reason") else ""
+    lines = [f"run {detail['run_id']}: {detail['state']}{reason}", f"  folder: {detail['run_dir']}"]
+    ckpt = detail.get("latest_checkpoint")
+    where = f"{ckpt['tag']} (step {ckpt['step']})" if isinstance(ckpt, dict) else "none"
+    lines.append(f"  latest valid checkpoint: {where}")
+    for att in detail.get("attempts", []):
+        nodes = ",".join(att["nodes"]) or "-"
+        lines.append(
+            f"  attempt {att['number']}: job {att['job_id']} ({att['attempt_key'] or 'not started'}) "
+            f"{att['state']}, stop {att['stop_reason'] or '-'}, slurm {att['slurm_state'] or '-'}, "
+            f"steps {att['first_step']}..{att['last_step']}, resumed from {att['resumed_from'] or '-'}, "
+            f"redone {att['steps_redone'] if att['steps_redone'] is not None else '-'}, nodes {nodes}"
+        )
+        if att.get("note"):
+            lines.append(f"      note: {att['note']}")
+        if att.get("error"):
+            lines.append(f"      error: {att['error']}")
+    return lines
