@@ -125,6 +125,12 @@ def derived_port(job_id: str, master_port: int | None = None) -> int:
     return PORT_BASE + int(digits.group(0)) % PORT_BASE
 
 
+def _env_port(env: Mapping[str, str], job_id: str, master_port: int | None) -> int:
+    """`MASTER_PORT` when the launcher or sbatch.sh set it, else the derived port."""
+    value = env.get("MASTER_PORT")
+    return int(value) if value else derived_port(job_id, master_port)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -138,7 +144,7 @@ def resolve_dist(env: Mapping[str, str], *, master_port: int | None = None) -> D
     if "RANK" in env and "WORLD_SIZE" in env:
         # torchrun / accelerate / deepspeed launcher: the launcher owns the rendezvous.
         job_id = env.get("SLURM_JOB_ID") or str(os.getppid())
-        port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else derived_port(job_id, master_port)
+        port = _env_port(env, job_id, master_port)
         nodelist = env.get("SLURM_JOB_NODELIST")
         nodes = expand_nodelist(nodelist) if nodelist else [socket.gethostname()]
         return DistInfo(
@@ -175,8 +181,9 @@ def resolve_dist(env: Mapping[str, str], *, master_port: int | None = None) -> D
             rank=int(env["SLURM_PROCID"]),
             world_size=int(env["SLURM_NTASKS"]),
             local_rank=int(env.get("SLURM_LOCALID", "0")),
-            master_addr=nodes[0],
-            master_port=derived_port(job_id, master_port),
+            # NOTE: sbatch.sh exports the same address and port; an explicit MASTER_* wins.
+            master_addr=env.get("MASTER_ADDR") or nodes[0],
+            master_port=_env_port(env, job_id, master_port),
             source="submitit-slurm" if executor == "slurm" else "srun",
             job_id=job_id,
             restart_count=restart,

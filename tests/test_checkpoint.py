@@ -1,0 +1,114 @@
+"""worker.checkpoint's file-level contract: manifests, verification, `latest`, pruning (no torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from worker import checkpoint as ckpt
+
+
+def fake_save(run_dir: Path, step: int, keep: int | None = None, payload: bytes = b"weights") -> Path:
+    """What rank 0 does after DeepSpeed wrote its files into `.partial-<tag>/<tag>`."""
+    tag = ckpt.tag_for_step(step)
+    staged = ckpt.checkpoints_dir(run_dir) / f"{ckpt.PARTIAL_PREFIX}{tag}" / tag
+    staged.mkdir(parents=True)
+    (staged / "mp_rank_00_model_states.pt").write_bytes(payload * 100)
+    (staged / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(payload * 50)
+    ckpt.finalize_checkpoint(run_dir, tag, step, {"step": step, "epoch": 0}, keep)
+    return ckpt.checkpoints_dir(run_dir) / tag
+
+
+def test_the_checkpoint_module_does_not_import_torch() -> None:
+    # The orchestrator calls these functions on the login node.
+    source = Path(ckpt.__file__).read_text()
+    top_level = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
+    assert not [line for line in top_level if "torch" in line or "deepspeed" in line]
+
+
+def test_a_finalized_checkpoint_verifies_and_becomes_latest(tmp_path: Path) -> None:
+    path = fake_save(tmp_path, 4)
+    assert path.name == "step-000004"
+    assert ckpt.verify_checkpoint(path)
+    assert ckpt.read_latest_tag(tmp_path) == "step-000004"
+    assert ckpt.read_client_state(path) == {"step": 4, "epoch": 0}
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    assert manifest["complete"] is True and manifest["tag"] == "step-000004" and manifest["step"] == 4
+    assert set(manifest["files"]) == {
+        "client_state.json", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    }
+    assert not list(ckpt.checkpoints_dir(tmp_path).glob(".partial-*"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "delete_file", "delete_manifest"])
+def test_damage_makes_a_checkpoint_invalid_and_resume_falls_back(tmp_path: Path, damage: str) -> None:
+    older = fake_save(tmp_path, 4)
+    newest = fake_save(tmp_path, 8)
+    target = newest / "mp_rank_00_model_states.pt"
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:10])
+    elif damage == "flip_byte":
+        data = bytearray(target.read_bytes())
+        data[3] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "delete_file":
+        target.unlink()
+    else:
+        (newest / ckpt.MANIFEST).unlink()
+    assert not ckpt.verify_checkpoint(newest)
+    assert ckpt.latest_valid_checkpoint(tmp_path) == older
+
+
+def test_size_only_verification_misses_a_flipped_byte_but_full_catches_it(tmp_path: Path) -> None:
+    path = fake_save(tmp_path, 1)
+    target = path / "mp_rank_00_model_states.pt"
+    data = bytearray(target.read_bytes())
+    data[0] ^= 0x01
+    target.write_bytes(bytes(data))
+    assert ckpt.verify_checkpoint(path, full=False)
+    assert not ckpt.verify_checkpoint(path, full=True)
+
+
+def test_an_interrupted_save_is_never_listed_nor_chosen(tmp_path: Path) -> None:
+    fake_save(tmp_path, 4)
+    # A save killed before its manifest: DeepSpeed's files sit in the temporary folder only.
+    staged = ckpt.checkpoints_dir(tmp_path) / ".partial-step-000008" / "step-000008"
+    staged.mkdir(parents=True)
+    (staged / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    assert [info.step for info in ckpt.list_checkpoints(tmp_path)] == [4]
+    assert ckpt.latest_valid_checkpoint(tmp_path) == ckpt.checkpoints_dir(tmp_path) / "step-000004"
+    # The next successful save cleans it up.
+    fake_save(tmp_path, 12)
+    assert not (ckpt.checkpoints_dir(tmp_path) / ".partial-step-000008").exists()
+
+
+def test_pruning_keeps_the_newest_n(tmp_path: Path) -> None:
+    for step in (2, 4, 6, 8):
+        fake_save(tmp_path, step, keep=2)
+    assert [info.step for info in ckpt.list_checkpoints(tmp_path)] == [6, 8]
+
+
+def test_pruning_never_deletes_the_newest_valid_checkpoint(tmp_path: Path) -> None:
+    fake_save(tmp_path, 2)
+    valid = fake_save(tmp_path, 4)
+    broken = fake_save(tmp_path, 6)
+    (broken / ckpt.MANIFEST).unlink()
+    removed = ckpt.prune_checkpoints(tmp_path, keep=1)
+    assert valid not in removed and valid.exists()
+    assert ckpt.latest_valid_checkpoint(tmp_path) == valid
+
+
+def test_no_checkpoint_means_no_resume(tmp_path: Path) -> None:
+    assert ckpt.list_checkpoints(tmp_path) == []
+    assert ckpt.latest_valid_checkpoint(tmp_path) is None
+    assert ckpt.read_latest_tag(tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    ("step", "tag"), [(0, "step-000000"), (120, "step-000120"), (1234567, "step-1234567")]
+)
+def test_tags_sort_in_step_order_and_parse_back(step: int, tag: str) -> None:
+    assert ckpt.tag_for_step(step) == tag
+    assert ckpt.step_of_tag(tag) == step
