@@ -119,7 +119,8 @@ def _missing_file_issue(path: Path, field: str) -> ConfigIssue:
 def read_qa_file(
     path: str | Path, max_samples: int | None = None, *, field: str = "data.train_file"
 ) -> list[QAExample]:
-    """Every example of a QA JSONL file, in file order (at most `max_samples`: the first N).
+    """Every example of a QA JSONL file, in file order; with `max_samples`, only the first N
+    non-blank lines are read (and checked).
 
     Raises DataFileError naming `file:line` and the reason for the first bad lines (up to
     MAX_REPORTED_LINES, plus a count of the rest), or the resolved path when the file is missing.

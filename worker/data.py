@@ -22,6 +22,8 @@ Contract (train.py, eval and export rely on it):
 - `EvalBatches(dataset, micro_batch_size, dp_rank, dp_size)`: every eval example exactly once over
   all ranks, in file order, and the SAME number of micro-batches on every rank (an MoE forward is a
   collective); the missing slots are copies of an example with all labels -100 and label id -1.
+  NOTE: a micro-batch can be all filler, so sum the token losses and divide by the number of
+  labels != -100 over the whole eval (a per-batch mean would be 0/0 = NaN there).
 - A collated micro-batch: `{"input_ids", "attention_mask", "labels"}` LongTensors (batch, seq),
   right-padded to the longest sequence in the micro-batch (pad id, mask 0, label -100), and
   `"expert_label_ids"` LongTensor (batch,).
