@@ -1,0 +1,145 @@
+"""The CLI: exit codes, one clear line per error, no traceback, and a fast start (no heavy imports)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.schemadoc import REFERENCE_PATH, config_reference_markdown
+
+REPO = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def test_validate_a_shipped_config_by_name_prints_the_summary_and_exits_0() -> None:
+    result = runner.invoke(app, ["validate", "mpt7b-moe-4x8"])
+    assert result.exit_code == 0, result.output
+    assert "32 = 4 nodes x 8 ranks/node" in result.stdout
+    assert "256 = 1 micro x 8 accumulation x 32 data-parallel" in result.stdout
+    assert "ep_size 8, 4 expert-parallel groups" in result.stdout
+    assert "of 80 GB" in result.stdout and "activations" in result.stdout
+
+
+def test_validate_error_is_one_red_line_with_file_line_and_exit_code_2() -> None:
+    result = runner.invoke(app, ["validate", "tiny-slurm", "--set", "moe.ep_size=3"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: ") and "tiny-slurm.yaml:" in lines[0]
+    assert "moe.ep_size" in lines[0] and "Traceback" not in result.output
+
+
+def test_validate_reports_every_issue_on_its_own_line() -> None:
+    result = runner.invoke(
+        app, ["validate", "tiny-slurm", "--set", "cluster.nodez=2", "--set", "training.seed=x"]
+    )
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2
+    assert any("did you mean `nodes`?" in line for line in lines)
+    assert any("training.seed" in line for line in lines)
+
+
+def test_validate_an_unknown_config_lists_the_shipped_ones() -> None:
+    result = runner.invoke(app, ["validate", "no-such-config"])
+    assert result.exit_code == 2
+    assert "config file not found: no-such-config" in result.stderr
+    assert "tiny-slurm" in result.stderr
+
+
+def test_render_writes_every_file_and_the_logs_folder(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["render", "tiny-slurm", "--out", str(tmp_path / "r"), "--nodelist", "n[1-2]"]
+    )
+    assert result.exit_code == 0, result.output
+    written = sorted(p.name for p in (tmp_path / "r").iterdir())
+    assert written == [
+        "accelerate_config.yaml",
+        "ds_config.json",
+        "hostfile",
+        "logs",
+        "run.yaml",
+        "sbatch.sh",
+    ]
+    assert (tmp_path / "r" / "hostfile").read_text().splitlines()[-2:] == ["n1 slots=1", "n2 slots=1"]
+    assert f"sbatch {tmp_path / 'r' / 'sbatch.sh'}" in result.stdout
+
+
+def test_render_takes_the_nodelist_from_slurm_inside_an_allocation(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["render", "tiny-slurm", "--out", str(tmp_path)], env={"SLURM_JOB_NODELIST": "c[7-8]"}
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "hostfile").read_text().splitlines()[-2:] == ["c7 slots=1", "c8 slots=1"]
+
+
+def test_render_with_a_bad_nodelist_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["render", "tiny-slurm", "--out", str(tmp_path), "--nodelist", "n[1-"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: nodelist: cannot read node list 'n[1-': '[' without ']' "
+        "(expected e.g. n[1-4] or gpu-[01-03,07])"
+    ]
+
+
+def test_schema_prints_the_json_schema() -> None:
+    result = runner.invoke(app, ["schema"])
+    assert result.exit_code == 0
+    schema = json.loads(result.stdout)
+    assert schema["title"] == "moe-orch run config"
+    assert "cluster" in schema["properties"]
+
+
+def test_committed_config_reference_is_up_to_date() -> None:
+    committed = (REPO / REFERENCE_PATH).read_text()
+    assert committed == config_reference_markdown(), (
+        f"{REFERENCE_PATH} is stale: run `moe-orch schema --markdown --out {REFERENCE_PATH}`"
+    )
+
+
+def test_schema_markdown_lists_every_section_field() -> None:
+    result = runner.invoke(app, ["schema", "--markdown"])
+    assert result.exit_code == 0
+    for field in (
+        "`cluster.signal_delay_s`",
+        "`moe.ep_size`",
+        "`training.zero_stage`",
+        "`model.tiny.d_model`",
+    ):
+        assert field in result.stdout
+
+
+def test_configs_lists_the_shipped_configs_with_descriptions() -> None:
+    result = runner.invoke(app, ["configs"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for name in ("tiny-cpu", "tiny-slurm", "mpt7b-moe-4x8", "mpt7b-moe-2x8-a100"):
+        assert name in result.stdout
+    assert "2 nodes x 1 CPU rank" in result.stdout
+
+
+HEAVY = ("torch", "deepspeed", "transformers", "submitit", "matplotlib", "accelerate")
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["validate", "tiny-slurm"], ["render", "tiny-slurm", "--out", "{tmp}"]]
+)
+def test_cli_never_imports_heavy_modules(argv: list[str], tmp_path: Path) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code = (
+        "import atexit, sys\n"
+        f"heavy = {HEAVY!r}\n"
+        "loaded = lambda: sorted(m for m in heavy if m in sys.modules)\n"
+        "atexit.register(lambda: print('HEAVY', loaded(), file=sys.stderr))\n"
+        f"sys.argv = ['moe-orch', *{argv!r}]\n"
+        "from orchestrator.cli import main\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stderr
