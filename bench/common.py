@@ -179,7 +179,8 @@ def write_results(
 ) -> Path:
     """Write `<out_dir>/<YYYY-mm-dd>-<name>.json` and `.md`; returns the JSON path.
 
-    `meta` holds what a reader needs to reproduce the run (sizes, repeats, threads, command).
+    `meta` holds what a reader needs to reproduce the run (sizes, repeats, threads, command); its
+    scalar and list entries are also shown above the markdown table, nested records only in JSON.
     """
     day = (date or _dt.datetime.now(_dt.timezone.utc).date()).isoformat()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -200,9 +201,10 @@ def write_results(
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB; "
         f"torch {machine['torch']}, deepspeed {machine['deepspeed']}.",
     ]
-    if meta:
+    scalars = {k: v for k, v in (meta or {}).items() if isinstance(v, (str, int, float, bool, list, tuple))}
+    if scalars:
         md.append("")
-        md.append("Settings: " + ", ".join(f"{k}={v}" for k, v in meta.items()))
+        md.append("Settings: " + ", ".join(f"{k}={v}" for k, v in scalars.items()))
     md += ["", markdown_table(results), ""]
     stem.with_suffix(".md").write_text("\n".join(md), encoding="utf-8")
     logger.info("wrote %s", json_path)
