@@ -287,7 +287,9 @@ def status(
         sys.stdout.write(json.dumps(data[0] if run else data, indent=2) + "\n")
         return
     if not watch_:
-        out.print(_run_cli(render))
+        # NOTE: a wide table when piped (rich would squeeze columns to 80 characters).
+        wide = out if out.is_terminal else Console(highlight=False, soft_wrap=True, width=200)
+        wide.print(_run_cli(render))
         return
     from rich.live import Live
 

@@ -170,6 +170,8 @@ def apply_scheduler(rec: RunRecord, snap: Snapshot, now: float) -> None:
             att.slurm_state = acct.state + (f" by {acct.cancelled_by}" if acct.cancelled_by else "")
             att.exit_code = acct.exit_code
         if att.state == "ended":
+            if q is not None and not q.alive and latest_of_job and acct is None:
+                att.slurm_state = q.state  # finished, sacct not there yet
             continue
         if q is not None and q.alive and latest_of_job:
             att.last_seen_alive = now
@@ -213,7 +215,11 @@ def apply_scheduler(rec: RunRecord, snap: Snapshot, now: float) -> None:
 def apply_local(rec: RunRecord, alive: Mapping[str, bool], now: float) -> None:
     """Close attempts of local jobs whose controller process is gone without an `exit` event."""
     for att in rec.attempts:
-        if att.state == "ended" or not att.job_id:
+        if not att.job_id:
+            continue
+        if att.state == "ended":
+            if att.slurm_state == "RUNNING" and not alive.get(att.job_id, False):
+                att.slurm_state = "EXITED"
             continue
         if alive.get(att.job_id, False):
             att.last_seen_alive = now
@@ -327,9 +333,6 @@ def reconcile(
 ) -> RunRecord:
     """Update `rec` in place (and return it). Gather `snapshot`/`local_alive` BEFORE reading
     `events`, so an exit event written just before the process ended is never missed."""
-    if rec.final and rec.state != runs.CANCELLED:
-        apply_events(rec, events, progress)
-        return rec
     apply_events(rec, events, progress)
     if rec.executor == "local":
         apply_local(rec, local_alive or {}, now)

@@ -17,6 +17,7 @@ from typing import Any
 from orchestrator import runs
 from orchestrator.reconcile import Budgets, reconcile
 from orchestrator.runs import RunRecord
+from orchestrator.slurm import FINAL_STATES as FINAL_SLURM_STATES
 from orchestrator.slurm import Snapshot
 
 logger = logging.getLogger(__name__)
@@ -57,8 +58,21 @@ class RunView:
         return max(0.0, (float(total) - float(step)) * float(dt))
 
 
+SETTLE_S = 600.0
+"""After a run ends, keep asking the scheduler this long for its final state (COMPLETING ->
+COMPLETED; sacct rows arrive about a second after the state change)."""
+
+
+def _settling(rec: RunRecord) -> bool:
+    cur = rec.current
+    if cur is None or not cur.job_id or cur.ended is None:
+        return False
+    settled = cur.slurm_state is not None and cur.slurm_state.split()[0] in FINAL_SLURM_STATES
+    return not settled and time.time() - cur.ended < SETTLE_S
+
+
 def _needs_scheduler(rec: RunRecord) -> bool:
-    return rec.executor == "slurm" and (not rec.final or rec.state == runs.CANCELLED)
+    return rec.executor == "slurm" and (not rec.final or rec.state == runs.CANCELLED or _settling(rec))
 
 
 def poll(run_dirs: list[Path], *, now: float | None = None) -> list[RunView]:
@@ -89,7 +103,7 @@ def poll(run_dirs: list[Path], *, now: float | None = None) -> list[RunView]:
     stamp = now if now is not None else time.time()
     views: list[RunView] = []
     for d, rec in records:
-        if rec.final and rec.state != runs.CANCELLED and not _events_newer(d, rec):
+        if rec.final and not _needs_scheduler(rec) and not _events_newer(d, rec):
             views.append(RunView(d, rec, runs.read_progress(d), snap))
             continue
 
