@@ -1,0 +1,249 @@
+"""The run record (run.json) and how attempts are reconciled from events and the scheduler."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator import runs
+from orchestrator.errors import RunNotFoundError
+from orchestrator.reconcile import Budgets, check_budgets, reconcile
+from orchestrator.runs import Attempt, RunRecord
+from orchestrator.slurm import Snapshot, parse_sacct, parse_squeue
+
+NOW = time.time()
+
+
+def slurm_time(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
+
+
+def make_record(tmp_path: Path, executor: str = "slurm", **budgets: Any) -> RunRecord:
+    return RunRecord(
+        run_id="r-20261128-152000-abcd",
+        name="r",
+        config_hash="x",
+        created=NOW - 100,
+        executor=executor,
+        run_dir=str(tmp_path),
+        home=str(tmp_path.parent),
+        budgets=budgets,
+    )
+
+
+def start(job: str, restart: int = 0, t: float = NOW - 50, nodes: tuple[str, ...] = ("n1", "n2"), **kw: Any) -> dict[str, Any]:
+    return {
+        "event": "start",
+        "time": t,
+        "job_id": job,
+        "restart": restart,
+        "attempt_key": f"{job}.{restart}",
+        "nodes": list(nodes),
+        "world_size": 2,
+        "resumed_from": kw.get("resumed_from"),
+        "resumed_step": kw.get("resumed_step", 0),
+        "steps_redone": kw.get("steps_redone", 0),
+    }
+
+
+def exit_(reason: str, step: int, requeued: bool = False, t: float = NOW - 10) -> dict[str, Any]:
+    return {"event": "exit", "time": t, "reason": reason, "step": step, "requeued": requeued, "error": None}
+
+
+def snapshot(squeue: str = "", sacct: str = "") -> Snapshot:
+    return Snapshot(queue=parse_squeue(squeue), acct=parse_sacct(sacct), time=NOW)
+
+
+def refresh(rec: RunRecord, events: list[dict[str, Any]], snap: Snapshot | None, **kw: Any) -> RunRecord:
+    return reconcile(
+        rec,
+        events,
+        progress=kw.get("progress"),
+        snapshot=snap,
+        local_alive=kw.get("local_alive"),
+        budgets=Budgets.from_dict(rec.budgets),
+        now=kw.get("now", NOW),
+    )
+
+
+SUB = slurm_time(NOW - 60)
+
+
+# --- the record on disk ------------------------------------------------------------------------
+
+
+def test_run_id_is_name_timestamp_and_four_hex() -> None:
+    rid = runs.new_run_id("tiny-cpu", now=0)
+    assert re.fullmatch(r"tiny-cpu-\d{8}-\d{6}-[0-9a-f]{4}", rid)
+
+
+def test_run_json_round_trips_with_schema_version(tmp_path: Path) -> None:
+    rec = make_record(tmp_path)
+    rec.attempts.append(Attempt(number=1, job_id="12", submitted=NOW))
+    runs.write_run(tmp_path, rec)
+    data = json.loads((tmp_path / "run.json").read_text())
+    assert data["schema_version"] == runs.SCHEMA_VERSION
+    assert data["attempts"][0]["job_id"] == "12"
+    assert runs.read_run(tmp_path).attempts[0].job_id == "12"
+    assert not list(tmp_path.glob(".run.json.*.tmp")), "the temp file is renamed into place"
+
+
+def test_a_newer_schema_is_refused_with_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text(json.dumps({"schema_version": 99}))
+    with pytest.raises(RunNotFoundError, match="upgrade moe-orch"):
+        runs.read_run(tmp_path)
+
+
+def test_concurrent_updates_are_never_lost(tmp_path: Path) -> None:
+    runs.write_run(tmp_path, make_record(tmp_path))
+
+    def bump() -> None:
+        for _ in range(20):
+            runs.update_run(tmp_path, lambda r: r.excluded_nodes.append("x"))
+
+    threads = [threading.Thread(target=bump) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(runs.read_run(tmp_path).excluded_nodes) == 80
+
+
+def test_find_run_by_id_prefix_or_path(tmp_path: Path) -> None:
+    for rid in ("a-20261128-100000-0001", "a-20261128-110000-0002", "b-20261128-100000-0003"):
+        (tmp_path / rid).mkdir()
+        runs.write_run(tmp_path / rid, make_record(tmp_path / rid))
+    assert runs.find_run(tmp_path, "b").name == "b-20261128-100000-0003"
+    assert runs.find_run(tmp_path, str(tmp_path / "a-20261128-100000-0001")).name == "a-20261128-100000-0001"
+    with pytest.raises(RunNotFoundError, match="several runs"):
+        runs.find_run(tmp_path, "a-")
+    with pytest.raises(RunNotFoundError, match="moe-orch status"):
+        runs.find_run(tmp_path, "zzz")
+
+
+def test_home_is_flag_then_env_then_cwd_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOE_ORCH_HOME", str(tmp_path / "env"))
+    assert runs.runs_home(tmp_path / "flag") == tmp_path / "flag"
+    assert runs.runs_home(None) == tmp_path / "env"
+    monkeypatch.delenv("MOE_ORCH_HOME")
+    monkeypatch.chdir(tmp_path)
+    assert runs.runs_home(None) == tmp_path / "runs"
+
+
+def test_torn_event_line_is_skipped(tmp_path: Path) -> None:
+    (tmp_path / "events.jsonl").write_text(json.dumps(start("5")) + '\n{"event": "exi')
+    assert [e["event"] for e in runs.read_events(tmp_path)] == ["start"]
+
+
+# --- reconciling attempts ----------------------------------------------------------------------
+
+
+def test_a_completed_attempt_comes_from_the_exit_event(tmp_path: Path) -> None:
+    rec = make_record(tmp_path)
+    rec.attempts.append(Attempt(number=1, job_id="5", submitted=NOW - 60))
+    events = [start("5"), {"event": "first_step", "time": NOW - 40, "step": 1}, exit_("completed", 20)]
+    refresh(rec, events, snapshot(f"5|COMPLETED|None|n[1-2]|{SUB}|{SUB}\n"))
+    att = rec.attempts[0]
+    assert (att.attempt_key, att.stop_reason, att.first_step, att.last_step) == ("5.0", "completed", 1, 20)
+    assert att.nodes == ["n1", "n2"]
+    assert rec.state == runs.COMPLETED
+
+
+def test_worker_requeue_makes_a_new_attempt_with_the_same_job_id(tmp_path: Path) -> None:
+    rec = make_record(tmp_path)
+    rec.attempts.append(Attempt(number=1, job_id="5", submitted=NOW - 60))
+    events = [start("5"), exit_("preempted", 30, requeued=True)]
+    refresh(rec, events, snapshot(f"5|PENDING|BeginTime||{SUB}|N/A\n", f"5|REQUEUED|0:0|{SUB}|{SUB}|{SUB}|n[1-2]\n"))
+    assert rec.state == runs.REQUEUED
+    events += [start("5", restart=1, t=NOW - 5, resumed_from="step-000030", resumed_step=30, steps_redone=2)]
+    refresh(rec, events, snapshot(f"5|RUNNING|None|n[1-2]|{SUB}|{SUB}\n"))
+    assert [a.attempt_key for a in rec.attempts] == ["5.0", "5.1"]
+    assert rec.attempts[1].resumed_from == "step-000030" and rec.attempts[1].steps_redone == 2
+    assert rec.attempts[0].stop_reason == "preempted" and rec.attempts[0].requeued
+    assert rec.state == runs.RUNNING
+
+
+def test_node_fail_without_exit_event_then_slurm_requeue(tmp_path: Path) -> None:
+    rec = make_record(tmp_path)
+    rec.attempts.append(Attempt(number=1, job_id="5", submitted=NOW - 60))
+    events = [start("5")]
+    sacct = f"5|NODE_FAIL|0:0|{SUB}|{SUB}|{SUB}|n[1-2]\n"
+    refresh(rec, events, snapshot(f"5|PENDING|BeginTime||{SUB}|N/A\n", sacct))
+    att = rec.attempts[0]
+    assert att.state == "ended" and att.stop_reason == "node_fail" and att.requeued
+    assert rec.state == runs.REQUEUED
+
+
+def test_preempted_without_signal_and_not_requeued_is_stopped(tmp_path: Path) -> None:
+    rec = make_record(tmp_path)
+    rec.attempts.append(Attempt(number=1, job_id="5", submitted=NOW - 60))
+    refresh(rec, [start("5")], snapshot(f"5|PREEMPTED|None|n1|{SUB}|{SUB}\n", f"5|PREEMPTED|0:15|{SUB}|{SUB}|{SUB}|n1\n"))
+    assert rec.attempts[0].stop_reason == "preempted"
+    assert rec.state == runs.STOPPED  # watch/resume brings it back
+
+
+def test_out_of_memory_is_a_failure(tmp_path: Path) -> None:
+    rec = make_record(tmp_path, max_failures=0)
+    rec.attempts.append(Attempt(number=1, job_id="5", submitted=NOW - 60))
+    refresh(rec, [start("5")], snapshot("", f"5|OUT_OF_MEMORY|0:125|{SUB}|{SUB}|{SUB}|n1\n"))
+    att = rec.attempts[0]
+    assert (att.stop_reason, att.slurm_state) == ("failed", "OUT_OF_MEMORY")
+    assert rec.state == runs.FAILED and "max_failures=0" in (rec.state_reason or "")
+
+
+def test_cancelled_by_someone_else_ends_the_run_cancelled(tmp_path: Path) -> None:
+    rec = make_record(tmp_path)
+    rec.attempts.append(Attempt(number=1, job_id="5", submitted=NOW - 60))
+    refresh(rec, [start("5")], snapshot("", f"5|CANCELLED by 0|0:0|{SUB}|{SUB}|{SUB}|n1\n"))
+    assert rec.attempts[0].slurm_state == "CANCELLED by 0"
+    assert rec.state == runs.CANCELLED
+
+
+def test_sacct_lag_is_not_taken_for_a_lost_job(tmp_path: Path) -> None:
+    rec = make_record(tmp_path)
+    rec.attempts.append(Attempt(number=1, job_id="5", submitted=NOW - 10))
+    refresh(rec, [], snapshot("", ""))  # just submitted: in neither squeue nor sacct yet
+    assert rec.attempts[0].state == runs.PENDING and rec.state == runs.PENDING
+    # ... but gone from both for longer than LOST_AFTER_S, without an exit event: lost.
+    refresh(rec, [start("5")], snapshot("", ""), now=NOW + 600)
+    assert rec.attempts[0].stop_reason == "failed" and "vanished" in (rec.attempts[0].error or "")
+
+
+def test_a_reused_job_id_row_from_an_older_job_is_ignored(tmp_path: Path) -> None:
+    rec = make_record(tmp_path)
+    rec.attempts.append(Attempt(number=1, job_id="3", submitted=NOW - 60))
+    old = slurm_time(NOW - 86400)
+    refresh(rec, [start("3")], snapshot(f"3|RUNNING|None|n1|{SUB}|{SUB}\n", f"3|FAILED|1:0|{old}|{old}|{old}|n1\n"))
+    assert rec.attempts[0].state == runs.RUNNING
+    assert rec.state == runs.RUNNING
+
+
+def test_local_job_gone_without_exit_event_is_failed(tmp_path: Path) -> None:
+    rec = make_record(tmp_path, executor="local", max_failures=0)
+    rec.attempts.append(Attempt(number=1, job_id="4242", submitted=NOW - 60))
+    refresh(rec, [start("4242", nodes=("vm",))], None, local_alive={"4242": True})
+    assert rec.state == runs.RUNNING
+    refresh(rec, [start("4242", nodes=("vm",))], None, local_alive={"4242": False})
+    assert rec.attempts[0].stop_reason == "failed"
+    assert rec.state == runs.FAILED
+
+
+def test_budgets_count_failures_preemptions_and_crash_loops() -> None:
+    def ended(reason: str, step: int | None) -> Attempt:
+        return Attempt(number=0, job_id="1", state="ended", stop_reason=reason, last_step=step)
+
+    progress = [ended("failed", 10), ended("failed", 20), ended("failed", 30)]
+    assert not check_budgets(progress, Budgets(max_failures=3)).exhausted
+    assert check_budgets([*progress, ended("failed", 40)], Budgets(max_failures=3)).exhausted
+    preempts = [ended("preempted", i) for i in range(1, 50)]
+    assert not check_budgets(preempts, Budgets()).exhausted, "preemptions are unlimited by default"
+    assert check_budgets(preempts, Budgets(max_preemptions=5)).exhausted
+    loop = [ended("preempted", 10), ended("preempted", 10), ended("preempted", 10), ended("preempted", 10)]
+    verdict = check_budgets(loop, Budgets(max_attempts_without_progress=3))
+    assert verdict.exhausted and "crash loop" in verdict.reason
