@@ -25,7 +25,7 @@ def _free_port() -> int:
 def single_rank_dist() -> Iterator[None]:
     """A world of one gloo rank, so DeepSpeed's MoE layers get their (trivial) expert group."""
     import deepspeed
-    import deepspeed.comm.torch  # noqa: F401
+    import deepspeed.comm.torch
     import torch
     import torch.distributed as dist
 
@@ -177,7 +177,8 @@ def test_top2_eval_is_deterministic_while_training_keeps_second_expert_sampling(
     assert gate.top2_2nd_expert_sampling is False
     # make experts differ, so a different second choice would change the output
     with torch.no_grad():
-        for i, expert in enumerate(model.transformer.blocks[0].ffn.moe.deepspeed_moe.experts.deepspeed_experts):
+        experts = model.transformer.blocks[0].ffn.moe.deepspeed_moe.experts.deepspeed_experts
+        for i, expert in enumerate(experts):
             expert.down_proj.weight.mul_(1.0 + 0.5 * i)
         ids = _batch(seed=3)
         assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
@@ -239,7 +240,9 @@ def test_hf_moe_model_reproduces_the_deepspeed_moe_forward_under_renamed_weights
         for p in model.transformer.blocks[1].ffn.moe.deepspeed_moe.experts.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     config = MptMoeConfig(
-        **{k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "transformers_version")},
+        **{
+            k: v for k, v in model.config.to_dict().items() if k not in {"model_type", "transformers_version"}
+        },
         num_experts=4,
         num_experts_per_tok=top_k,
         moe_layers=[1],
