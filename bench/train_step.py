@@ -1,0 +1,280 @@
+"""One DeepSpeed training step on CPU, 2 ranks: the dense parent against its MoE upcycles.
+
+    python -m bench.train_step            # d 256, 4 layers, FFN 1024, 8 experts, seq 128, 2 ranks
+    python -m bench.train_step --smoke    # tiny shape, two variants, seconds (CI)
+
+Each variant runs in a fresh pair of processes (torch.multiprocessing, gloo, one torch thread per
+rank, fp32, ZeRO-2, torch AdamW), built exactly as the worker builds it: `worker.model.build_model`,
+`optimizer_param_groups`, `moe_aux_loss` and `worker.train.deepspeed_config`. Batches are random
+token ids (content does not change the cost; the router sees varied inputs). Per variant, the
+medians over the timed steps of: forward, backward and optimizer wall time, step wall time, step CPU
+time of the process (robust on a shared machine), tokens/s over both ranks, and peak RSS per rank.
+
+Variants (ep_size is the expert-parallel size over the 2 ranks):
+- `dense`: the parent MPT, no MoE (the baseline of every ratio);
+- `stock-top1-ep2`, `stock-top2-ep2`: `deepspeed.moe.layer.MoE`, 4 experts per rank, all-to-all;
+- `stock-top1-ep1`: the stock layer with every expert on every rank, to separate the dispatch cost
+  from the all-to-all;
+- `dropless-top1-ep1`, `dropless-top2-ep1`: `worker.moe_dropless.DroplessMoE` (ep_size 1 only: it
+  has no all-to-all, so each rank runs all 8 experts on its own tokens).
+# NOTE: ep 1 runs hold all experts on each rank (2x the expert parameters and optimizer work of
+# ep 2), which is what a dropless run costs with this layer; the stock ep 1 variant is the fair
+# comparison for the dispatch alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import Result, markdown_table, write_results
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Shape:
+    d_model: int
+    n_layers: int
+    n_heads: int
+    experts: int
+    seq: int
+    micro_batch: int  # sequences per rank per step
+    vocab: int
+    steps: int  # timed steps
+    warmup: int
+
+
+FULL = Shape(
+    d_model=256, n_layers=4, n_heads=4, experts=8, seq=128, micro_batch=4, vocab=512, steps=10, warmup=3
+)
+SMOKE = Shape(
+    d_model=32, n_layers=2, n_heads=2, experts=4, seq=32, micro_batch=2, vocab=300, steps=2, warmup=1
+)
+
+# name -> (moe enabled, implementation, top_k, ep_size)
+VARIANTS: dict[str, tuple[bool, str, int, int]] = {
+    "dense": (False, "deepspeed", 1, 1),
+    "stock-top1-ep2": (True, "deepspeed", 1, 2),
+    "stock-top2-ep2": (True, "deepspeed", 2, 2),
+    "stock-top1-ep1": (True, "deepspeed", 1, 1),
+    "dropless-top1-ep1": (True, "dropless", 1, 1),
+    "dropless-top2-ep1": (True, "dropless", 2, 1),
+}
+SMOKE_VARIANTS = ("dense", "stock-top1-ep2", "dropless-top1-ep1")
+WORLD = 2
+
+
+def run_config(shape: Shape, variant: str) -> Any:
+    """The `RunConfig` of one variant (what a user would write in run.yaml)."""
+    from orchestrator.config import RunConfig
+
+    enabled, implementation, top_k, ep_size = VARIANTS[variant]
+    return RunConfig.model_validate(
+        {
+            "name": f"bench-{variant}",
+            "cluster": {"executor": "local", "nodes": 1, "tasks_per_node": WORLD, "cpus_per_task": 1},
+            "model": {
+                "name_or_path": "tiny",
+                "tiny": {
+                    "d_model": shape.d_model,
+                    "n_layers": shape.n_layers,
+                    "n_heads": shape.n_heads,
+                    "expansion_ratio": 4,
+                    "vocab_size": shape.vocab,
+                    "max_seq_len": shape.seq,
+                },
+            },
+            "moe": {
+                "enabled": enabled,
+                "num_experts": shape.experts,
+                "top_k": top_k,
+                "ep_size": ep_size,
+                "implementation": implementation,
+            },
+            "data": {"max_seq_length": shape.seq, "max_target_length": shape.seq // 2},
+            "training": {
+                "precision": "fp32",
+                "micro_batch_size": shape.micro_batch,
+                "gradient_accumulation_steps": 1,
+                "zero_stage": 2,
+                "learning_rate": 1e-4,
+                "warmup_steps": 0,
+                "max_grad_norm": 1.0,
+            },
+        }
+    )
+
+
+def _rank_main(rank: int, port: int, shape: Shape, variant: str, out_dir: str) -> None:
+    """One rank: build the model as the worker does, time `warmup + steps` steps, report to rank 0."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+    )
+    import resource
+
+    import torch
+
+    torch.set_num_threads(1)
+    import deepspeed
+    import deepspeed.comm.torch
+    import torch.distributed as dist
+
+    # NOTE: skip the 55 s shm C++ JIT that training never uses (deepspeed-cpu.md, pitfall 1).
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
+    deepspeed.init_distributed(dist_backend="gloo")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+    from worker.model import build_model, moe_aux_loss, optimizer_param_groups
+    from worker.train import deepspeed_config
+
+    cfg = run_config(shape, variant)
+    torch.manual_seed(cfg.training.seed)
+    model = build_model(cfg, shape.vocab)
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, 0.0), lr=cfg.training.learning_rate)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+    n_params = sum(p.numel() for p in engine.module.parameters())
+
+    phases: dict[str, list[float]] = {
+        "forward": [],
+        "backward": [],
+        "optimizer": [],
+        "step": [],
+        "step_cpu": [],
+    }
+    losses: list[float] = []
+    for step in range(shape.warmup + shape.steps):
+        gen = torch.Generator().manual_seed(1000 * step + rank)
+        ids = torch.randint(0, shape.vocab, (shape.micro_batch, shape.seq), generator=gen)
+        dist.barrier()
+        c0, t0 = time.process_time(), time.perf_counter()
+        out = engine(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+        loss = out.loss + cfg.moe.aux_loss_weight * moe_aux_loss(engine.module)
+        t1 = time.perf_counter()
+        engine.backward(loss)
+        t2 = time.perf_counter()
+        engine.step()
+        t3, c3 = time.perf_counter(), time.process_time()
+        losses.append(float(loss.detach()))
+        if step >= shape.warmup:
+            for name, value in zip(
+                ("forward", "backward", "optimizer", "step", "step_cpu"),
+                (t1 - t0, t2 - t1, t3 - t2, t3 - t0, c3 - c0),
+                strict=True,
+            ):
+                phases[name].append(value)
+    mine = {
+        "medians_s": {name: statistics.median(values) for name, values in phases.items()},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "params": n_params,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+    }
+    gathered: list[Any] = [None] * WORLD
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        import json
+
+        Path(out_dir, f"{variant}.json").write_text(json.dumps(gathered), encoding="utf-8")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def measure_variant(shape: Shape, variant: str) -> dict[str, Any]:
+    """Run one variant on 2 fresh ranks; returns per-rank records and the derived numbers."""
+    import json
+
+    from torch.multiprocessing.spawn import start_processes
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-step-") as out_dir:
+        start = time.perf_counter()
+        start_processes(  # type: ignore[no-untyped-call]
+            _rank_main, args=(_free_port(), shape, variant, out_dir), nprocs=WORLD, start_method="spawn"
+        )
+        wall = time.perf_counter() - start
+        ranks = json.loads(Path(out_dir, f"{variant}.json").read_text(encoding="utf-8"))
+    # NOTE: a step ends when the slowest rank ends; take the max over ranks of each median.
+    med = {name: max(r["medians_s"][name] for r in ranks) for name in ranks[0]["medians_s"]}
+    tokens = WORLD * shape.micro_batch * shape.seq
+    return {
+        "variant": variant,
+        "ranks": ranks,
+        "step_s": med["step"],
+        "forward_s": med["forward"],
+        "backward_s": med["backward"],
+        "optimizer_s": med["optimizer"],
+        "step_cpu_s": med["step_cpu"],
+        "tokens_per_s": tokens / med["step"],
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
+        "process_wall_s": wall,
+    }
+
+
+def run(smoke: bool = False, variants: list[str] | None = None) -> tuple[list[Result], list[dict[str, Any]]]:
+    """Measure the variants; returns one `Result` per MoE variant (ours = variant, baseline = dense
+    step time) plus the dense row, and the raw records."""
+    shape = SMOKE if smoke else FULL
+    names = variants or list(SMOKE_VARIANTS if smoke else VARIANTS)
+    if "dense" not in names:
+        names = ["dense", *names]
+    records = [measure_variant(shape, name) for name in names]
+    dense = records[names.index("dense")]
+    results: list[Result] = []
+    for rec in records:
+        note = (
+            f"fwd/bwd/opt {1e3 * rec['forward_s']:.0f}/{1e3 * rec['backward_s']:.0f}/"
+            f"{1e3 * rec['optimizer_s']:.0f} ms; {rec['tokens_per_s']:.0f} tok/s; "
+            f"cpu {1e3 * rec['step_cpu_s']:.0f} ms; peak rss {rec['peak_rss_mb']:.0f} MB/rank"
+        )
+        baseline = None if rec is dense else 1e3 * dense["step_s"]
+        results.append(
+            Result(f"train step {rec['variant']}", ours=1e3 * rec["step_s"], baseline=baseline, note=note)
+        )
+    return results, records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny shape, three variants, seconds (CI)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    results, records = run(args.smoke, args.variants)
+    print(markdown_table(results))
+    if not args.no_write and not args.smoke:
+        meta = {**asdict(FULL), "world": WORLD, "precision": "fp32", "zero_stage": 2, "threads_per_rank": 1}
+        meta["records"] = records
+        print(f"wrote {write_results('train-step', results, meta)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
