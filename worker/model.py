@@ -103,6 +103,18 @@ class MoeFFN(nn.Module):
 def _make_moe_layer(cfg: RunConfig, hidden_size: int, expert: nn.Module) -> nn.Module:
     """The MoE layer for one block; forward(x (b, s, d)) -> (out (b, s, d), l_aux, exp_counts (E,))."""
     m = cfg.moe
+    if m.implementation == "dropless":
+        # NOTE: same names and contract as DeepSpeed's MoE; no capacity arguments (nothing is dropped).
+        from worker.moe_dropless import DroplessMoE
+
+        return DroplessMoE(
+            hidden_size=hidden_size,
+            expert=expert,
+            num_experts=m.num_experts,
+            ep_size=m.ep_size,
+            k=m.top_k,
+            noisy_gate_policy=None if m.noisy_gate_policy == "none" else m.noisy_gate_policy,
+        )
     from deepspeed.moe.layer import MoE
 
     layer: nn.Module = MoE(
