@@ -248,10 +248,10 @@ def check_budgets(attempts: list[Attempt], budgets: Budgets) -> BudgetVerdict:
     ended = [a for a in attempts if a.state == "ended"]
     failures = sum(1 for a in ended if a.stop_reason in runs.FAILURE_REASONS)
     preemptions = sum(1 for a in ended if a.stop_reason in runs.PREEMPTION_REASONS)
-    best = -1
+    best = 0  # step 0: nothing trained yet
     streak = 0
     for att in ended:
-        step = att.last_step if att.last_step is not None else -1
+        step = att.last_step if att.last_step is not None else 0
         if step > best:
             best = step
             streak = 0

@@ -37,7 +37,9 @@ def make_record(tmp_path: Path, executor: str = "slurm", **budgets: Any) -> RunR
     )
 
 
-def start(job: str, restart: int = 0, t: float = NOW - 50, nodes: tuple[str, ...] = ("n1", "n2"), **kw: Any) -> dict[str, Any]:
+def start(
+    job: str, restart: int = 0, t: float = NOW - 50, nodes: tuple[str, ...] = ("n1", "n2"), **kw: Any
+) -> dict[str, Any]:
     return {
         "event": "start",
         "time": t,
@@ -159,7 +161,11 @@ def test_worker_requeue_makes_a_new_attempt_with_the_same_job_id(tmp_path: Path)
     rec = make_record(tmp_path)
     rec.attempts.append(Attempt(number=1, job_id="5", submitted=NOW - 60))
     events = [start("5"), exit_("preempted", 30, requeued=True)]
-    refresh(rec, events, snapshot(f"5|PENDING|BeginTime||{SUB}|N/A\n", f"5|REQUEUED|0:0|{SUB}|{SUB}|{SUB}|n[1-2]\n"))
+    refresh(
+        rec,
+        events,
+        snapshot(f"5|PENDING|BeginTime||{SUB}|N/A\n", f"5|REQUEUED|0:0|{SUB}|{SUB}|{SUB}|n[1-2]\n"),
+    )
     assert rec.state == runs.REQUEUED
     events += [start("5", restart=1, t=NOW - 5, resumed_from="step-000030", resumed_step=30, steps_redone=2)]
     refresh(rec, events, snapshot(f"5|RUNNING|None|n[1-2]|{SUB}|{SUB}\n"))
@@ -183,7 +189,11 @@ def test_node_fail_without_exit_event_then_slurm_requeue(tmp_path: Path) -> None
 def test_preempted_without_signal_and_not_requeued_is_stopped(tmp_path: Path) -> None:
     rec = make_record(tmp_path)
     rec.attempts.append(Attempt(number=1, job_id="5", submitted=NOW - 60))
-    refresh(rec, [start("5")], snapshot(f"5|PREEMPTED|None|n1|{SUB}|{SUB}\n", f"5|PREEMPTED|0:15|{SUB}|{SUB}|{SUB}|n1\n"))
+    refresh(
+        rec,
+        [start("5")],
+        snapshot(f"5|PREEMPTED|None|n1|{SUB}|{SUB}\n", f"5|PREEMPTED|0:15|{SUB}|{SUB}|{SUB}|n1\n"),
+    )
     assert rec.attempts[0].stop_reason == "preempted"
     assert rec.state == runs.STOPPED  # watch/resume brings it back
 
@@ -219,7 +229,11 @@ def test_a_reused_job_id_row_from_an_older_job_is_ignored(tmp_path: Path) -> Non
     rec = make_record(tmp_path)
     rec.attempts.append(Attempt(number=1, job_id="3", submitted=NOW - 60))
     old = slurm_time(NOW - 86400)
-    refresh(rec, [start("3")], snapshot(f"3|RUNNING|None|n1|{SUB}|{SUB}\n", f"3|FAILED|1:0|{old}|{old}|{old}|n1\n"))
+    refresh(
+        rec,
+        [start("3")],
+        snapshot(f"3|RUNNING|None|n1|{SUB}|{SUB}\n", f"3|FAILED|1:0|{old}|{old}|{old}|n1\n"),
+    )
     assert rec.attempts[0].state == runs.RUNNING
     assert rec.state == runs.RUNNING
 
@@ -247,3 +261,54 @@ def test_budgets_count_failures_preemptions_and_crash_loops() -> None:
     loop = [ended("preempted", 10), ended("preempted", 10), ended("preempted", 10), ended("preempted", 10)]
     verdict = check_budgets(loop, Budgets(max_attempts_without_progress=3))
     assert verdict.exhausted and "crash loop" in verdict.reason
+
+
+# --- logs: per-rank files split into attempts at the job function's marker lines ---------------
+
+
+def test_logs_split_requeued_attempts_and_prefix_rank_and_attempt(tmp_path: Path) -> None:
+    from orchestrator.job import marker_line
+    from orchestrator.logs import format_lines, read_logs
+
+    rec = make_record(tmp_path)
+    rec.attempts = [
+        Attempt(number=1, job_id="5", attempt_key="5.0"),
+        Attempt(number=2, job_id="5", attempt_key="5.1", restart=1),
+        Attempt(number=3, job_id="9", attempt_key="9.0"),
+    ]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for rank in (0, 1):
+        (logs / f"5_{rank}_log.out").write_text(
+            f"preamble\n{marker_line('5.0', str(rank))}\nfirst {rank}\n{marker_line('5.1', str(rank))}\nsecond {rank}\n"
+        )
+        (logs / f"9_{rank}_log.out").write_text(f"{marker_line('9.0', str(rank))}\nthird {rank}\n")
+    (logs / "5_0_log.err").write_text(f"{marker_line('5.0', '0')}\nTraceback (most recent call last):\n")
+    lines = format_lines(read_logs(tmp_path, rec))
+    assert "[attempt 1] [rank 0] first 0" in lines
+    assert "[attempt 2] [rank 1] second 1" in lines
+    assert "[attempt 3] [rank 0] third 0" in lines
+    assert lines.index("[attempt 1] [rank 1] first 1") < lines.index("[attempt 2] [rank 0] second 0")
+    only = format_lines(read_logs(tmp_path, rec, rank=1, attempt=2))
+    assert only == ["[rank 1] second 1"], "one attempt shown: no attempt prefix"
+    assert format_lines(read_logs(tmp_path, rec, attempt=1), tail=1) == [
+        "[rank 0] first 0",
+        "[rank 1] first 1",
+    ]
+    err = format_lines(read_logs(tmp_path, rec, stderr=True))
+    assert err == ["[rank 0] Traceback (most recent call last):"]
+
+
+def test_follow_logs_carries_on_into_the_next_attempt_and_stops_at_a_final_state(tmp_path: Path) -> None:
+    from orchestrator.job import marker_line
+    from orchestrator.logs import follow_logs
+
+    rec = make_record(tmp_path, executor="local")
+    rec.attempts = [Attempt(number=1, job_id="5", attempt_key="5.0", state="ended", stop_reason="completed")]
+    rec.state = runs.COMPLETED
+    (tmp_path / "logs").mkdir()
+    runs.write_run(tmp_path, rec)
+    (tmp_path / "logs" / "5_0_log.out").write_text(f"{marker_line('5.0', '0')}\nhello\npartial")
+    seen: list[str] = []
+    follow_logs(tmp_path, rank=None, stderr=False, echo=seen.append, interval=0.01, max_s=5)
+    assert seen == ["[attempt 1] [rank 0] hello"], "a line still being written is held back"

@@ -8,7 +8,14 @@ import pytest
 from fakes import FakeSlurm
 
 from orchestrator import slurm
-from orchestrator.slurm import expand_nodelist, parse_sacct, parse_squeue, rows_since, split_state, stop_reason_for
+from orchestrator.slurm import (
+    expand_nodelist,
+    parse_sacct,
+    parse_squeue,
+    rows_since,
+    split_state,
+    stop_reason_for,
+)
 
 T0 = "2026-11-28T15:20:00"
 T1 = "2026-11-28T15:25:00"

@@ -66,7 +66,12 @@ def test_submitit_parameters_agree_with_the_rendered_options(tmp_path: Path) -> 
     cfg = load_config(TINY_SLURM, ["cluster.gpus_per_node=2", "cluster.tasks_per_node=2", "cluster.qos=high"])
     plan = submit.plan_submission(cfg, tmp_path / "r")
     p = plan.parameters
-    assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_node"], p["time"]) == (2, 2, 2, cfg.cluster.time_min)
+    assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_node"], p["time"]) == (
+        2,
+        2,
+        2,
+        cfg.cluster.time_min,
+    )
     assert p["qos"] == "high" and p["signal_delay_s"] == cfg.cluster.signal_delay_s
     assert p["additional_parameters"]["requeue"] is True
     assert "DS_ACCELERATOR" not in plan.env, "a GPU run keeps the accelerator auto-detected"
@@ -90,7 +95,9 @@ def test_bundle_has_pip_freeze_resolved_config_and_redacted_env(
 
 def test_redact_env_matches_token_key_secret_password() -> None:
     env = redact_env({"GH_TOKEN": "1", "ssh_key": "2", "DB_PASSWORD": "3", "MY_SECRET": "4", "PATH": "/bin"})
-    assert env == {k: "<redacted>" for k in ("DB_PASSWORD", "GH_TOKEN", "MY_SECRET", "ssh_key")} | {"PATH": "/bin"}
+    assert env == {k: "<redacted>" for k in ("DB_PASSWORD", "GH_TOKEN", "MY_SECRET", "ssh_key")} | {
+        "PATH": "/bin"
+    }
 
 
 def test_invalid_config_submits_nothing_and_creates_nothing(fake: FakeSlurm, tmp_path: Path) -> None:
@@ -120,7 +127,9 @@ def test_failed_sbatch_leaves_a_record_saying_so(fake: FakeSlurm, tmp_path: Path
 
 
 def test_failed_sbatch_exits_non_zero_with_the_error(fake: FakeSlurm, tmp_path: Path) -> None:
-    fake.sbatch_error = "sbatch: error: Batch job submission failed: Requested node configuration is not available"
+    fake.sbatch_error = (
+        "sbatch: error: Batch job submission failed: Requested node configuration is not available"
+    )
     result = CliRunner().invoke(app, ["submit", TINY_SLURM, "--home", str(tmp_path / "h")])
     assert result.exit_code == 3
     assert "Requested node configuration is not available" in result.output
