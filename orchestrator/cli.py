@@ -376,6 +376,31 @@ def resume(run: RunArg, home: HomeOption = None) -> None:
     out.print(Text(f"{rec.run_id}: resubmitted as job {job} (attempt {number})"))
 
 
+@app.command()
+def export(
+    run: RunArg,
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for the Hugging Face model.", show_default=False)
+    ],
+    checkpoint: Annotated[
+        str | None,
+        typer.Option("--checkpoint", help="Checkpoint tag, e.g. step-000120 (default: newest valid one)."),
+    ] = None,
+    home: HomeOption = None,
+) -> None:
+    """Write a Hugging Face folder (weights, config, modeling code, tokenizer) from a checkpoint."""
+    run_dir = _find(home, run)
+
+    def _export() -> Path:
+        # NOTE: imported here: the export needs torch and transformers, which the CLI never loads.
+        from worker.export import export_run
+
+        return export_run(run_dir, out_dir, tag=checkpoint)
+
+    path = _run_cli(_export)
+    out.print(Text(f"wrote {path}"))
+
+
 def main() -> None:
     """Entry point of the `moe-orch` script."""
     logging.basicConfig(
