@@ -280,7 +280,8 @@ def test_logs_split_requeued_attempts_and_prefix_rank_and_attempt(tmp_path: Path
     logs.mkdir()
     for rank in (0, 1):
         (logs / f"5_{rank}_log.out").write_text(
-            f"preamble\n{marker_line('5.0', str(rank))}\nfirst {rank}\n{marker_line('5.1', str(rank))}\nsecond {rank}\n"
+            f"preamble\n{marker_line('5.0', str(rank))}\nfirst {rank}\n"
+            f"{marker_line('5.1', str(rank))}\nsecond {rank}\n"
         )
         (logs / f"9_{rank}_log.out").write_text(f"{marker_line('9.0', str(rank))}\nthird {rank}\n")
     (logs / "5_0_log.err").write_text(f"{marker_line('5.0', '0')}\nTraceback (most recent call last):\n")
