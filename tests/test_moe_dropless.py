@@ -241,3 +241,28 @@ def test_moe_layer_benchmark_smoke_returns_a_timed_record_per_token_count(ds_wor
         assert r.ours > 0 and r.baseline is not None and r.baseline > 0
         assert r.ratio == pytest.approx(r.ours / r.baseline)
         assert "dense" in r.note
+
+
+def test_worker_builds_the_dropless_layer_and_top2_upcycling_keeps_the_dense_loss() -> None:
+    from orchestrator.config import RunConfig
+    from worker.model import build_model, expert_token_counts
+
+    def tiny(moe: dict[str, Any]) -> RunConfig:
+        return RunConfig.model_validate(
+            {
+                "name": "t",
+                "model": {"name_or_path": "tiny", "tiny": {"d_model": 32, "n_layers": 2, "n_heads": 2}},
+                "moe": moe,
+                "training": {"precision": "fp32"},
+            }
+        )
+
+    dense = build_model(tiny({"enabled": False}), 300)
+    moe = build_model(tiny({"implementation": "dropless", "top_k": 2, "num_experts": 4}), 300)
+    assert isinstance(moe.get_submodule("transformer.blocks.0.ffn.moe"), DroplessMoE)
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        dense_loss = dense(input_ids=ids, labels=ids).loss
+        moe_loss = moe(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(moe_loss, dense_loss, atol=ATOL, rtol=ATOL)
+    assert [int(c.sum()) for c in expert_token_counts(moe)] == [2 * 12 * 2] * 2
