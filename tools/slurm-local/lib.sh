@@ -1,8 +1,8 @@
+# shellcheck shell=bash
 # lib.sh: helpers shared by start.sh, stop.sh and node.sh. Source it; do not run it.
 # Needs SLURM_LOCAL_DIR to be set (the callers give it its default).
 
 SL_DIR="${SLURM_LOCAL_DIR:-/tmp/slurm-local}"
-SL_RUN="$SL_DIR/run"
 SL_LOG="$SL_DIR/log"
 SL_CONF="$SL_DIR/etc/slurm.conf"
 SL_HOSTS_MARK="# slurm-local-nodes $SL_DIR"
@@ -27,10 +27,9 @@ sl_check_dir() {
 
 # sl_pid <pidfile>: print the pid stored in the file, or nothing.
 sl_pid() {
-  local f="$1" pid=""
-  [[ -r "$f" ]] && read -r pid <"$f" 2>/dev/null || true
-  [[ "$pid" =~ ^[0-9]+$ ]] && printf '%s\n' "$pid"
-  return 0
+  local pid=""
+  if [[ -r "$1" ]]; then read -r pid <"$1" 2>/dev/null || true; fi
+  if [[ "$pid" =~ ^[0-9]+$ ]]; then printf '%s\n' "$pid"; fi
 }
 
 # sl_pid_state <pid>: one-letter process state from /proc (R, S, Z, ...), or nothing.
@@ -99,7 +98,7 @@ sl_node_names() {
 # sl_node_step_pids <node>: pids of the slurmstepd processes that belong to one fake node. Each
 # slurmstepd keeps its node's slurmd log file open, which tells the nodes apart.
 sl_node_step_pids() {
-  local node="$1" logf="$SL_LOG/slurmd-$1.log" p fd
+  local logf="$SL_LOG/slurmd-$1.log" p fd
   for p in /proc/[0-9]*; do
     [[ "$(cat "$p/comm" 2>/dev/null)" == slurmstepd ]] || continue
     for fd in "$p"/fd/*; do
@@ -113,34 +112,35 @@ sl_node_step_pids() {
 
 # sl_descendants <pid>...: the given pids and all their descendants.
 sl_descendants() {
-  local todo=("$@") out=() p c
+  local todo=("$@") found=() p c
   while ((${#todo[@]})); do
     p="${todo[0]}"
     todo=("${todo[@]:1}")
-    out+=("$p")
+    found+=("$p")
+    # shellcheck disable=SC2013 # the file holds space-separated pids
     for c in $(cat /proc/"$p"/task/*/children 2>/dev/null); do
       todo+=("$c")
     done
   done
-  ((${#out[@]})) && printf '%s\n' "${out[@]}"
-  return 0
+  if ((${#found[@]})); then printf '%s\n' "${found[@]}"; fi
 }
 
 # /etc/hosts holds one line per cluster: "127.0.0.1 n1 n2 ... # slurm-local-nodes <dir>".
 # The mark must end the line, so /tmp/slurm-local does not match /tmp/slurm-local2's line.
+# shellcheck disable=SC2016 # awk program, not shell
 SL_AWK_NOT_MARKED='{ if (!(length($0) >= length(m) && substr($0, length($0) - length(m) + 1) == m)) print }'
 
 sl_hosts_line_present() { # <line>: true when exactly this line is in /etc/hosts
   grep -qxF -- "$1" /etc/hosts 2>/dev/null
 }
 
-# sl_hosts_set [<line>]: replace this cluster's line in /etc/hosts (none: just remove it).
+# sl_hosts_set <line>: replace this cluster's line in /etc/hosts ("": just remove it).
 # Rewrites in place (cat >) rather than renaming: /etc/hosts is often a bind mount.
 sl_hosts_set() {
   local tmp
   tmp="$(mktemp)"
   awk -v m="$SL_HOSTS_MARK" "$SL_AWK_NOT_MARKED" /etc/hosts >"$tmp"
-  [[ $# -eq 0 ]] || printf '%s\n' "$1" >>"$tmp"
+  if [[ -n "$1" ]]; then printf '%s\n' "$1" >>"$tmp"; fi
   if ! cmp -s "$tmp" /etc/hosts; then
     cat "$tmp" >/etc/hosts
   fi
@@ -158,7 +158,16 @@ sl_lock() {
 # sl_spawn <outfile> <command>...: run a self-daemonizing program detached from our stdin,
 # stdout, stderr and lock, so callers that capture output (CI, subprocess) do not hang.
 sl_spawn() {
-  local out="$1"
+  local outfile="$1"
   shift
-  "$@" </dev/null >>"$out" 2>&1 9>&-
+  "$@" </dev/null >>"$outfile" 2>&1 9>&-
+}
+
+sl_hosts_remove() { sl_hosts_set ""; }
+
+# sl_kill_tree <pid>: SIGKILL a process and all its descendants (a job step, as a crash would).
+sl_kill_tree() {
+  local pids
+  mapfile -t pids < <(sl_descendants "$1")
+  if ((${#pids[@]})); then kill -KILL "${pids[@]}" 2>/dev/null || true; fi
 }
