@@ -68,11 +68,13 @@ def templates_dir() -> Path:
 
 
 def sbatch_quote(value: str) -> str:
-    """A value for an `#SBATCH --key=value` line: backslash-escaped the way sbatch unescapes it.
+    """A value for an `#SBATCH --key=value` line, quoted the way sbatch's own parser unquotes it.
 
-    sbatch reads `#SBATCH` lines with its own parser (quotes group, a backslash escapes the next
-    character, `#` starts a comment). A newline cannot be written at all: it would end the comment
-    and make the rest a shell command, so it is refused.
+    sbatch reads `#SBATCH` lines itself, not through a shell: whitespace ends a value and `#`
+    starts a comment unless inside quotes, and within double quotes a backslash escapes the next
+    character (checked against SLURM 22.05: a backslash-escaped space outside quotes is refused).
+    A newline cannot be written at all: it would end the comment line and make the rest a shell
+    command, so it is refused, as is any other control character.
     """
     if _CONTROL.search(value):
         raise ConfigError(
@@ -80,7 +82,7 @@ def sbatch_quote(value: str) -> str:
         )
     if _SBATCH_PLAIN.match(value):
         return value
-    return "".join(c if _SBATCH_PLAIN.match(c) else "\\" + c for c in value)
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _mem(mem_gb: float) -> str:

@@ -95,10 +95,12 @@ def test_sbatch_options_leave_out_what_is_unset_and_convert_fractional_memory() 
     ("value", "quoted"),
     [
         ("debug", "debug"),
-        ("a b", "a\\ b"),
-        ("x#y", "x\\#y"),
-        ("it's", "it\\'s"),
-        ('say "hi"', 'say\\ \\"hi\\"'),
+        ("/runs/a-1/logs/%j_sbatch.out", "/runs/a-1/logs/%j_sbatch.out"),
+        ("a b", '"a b"'),
+        ("x#y", '"x#y"'),  # unquoted, sbatch would cut the value at the #
+        ("it's", '"it\'s"'),
+        ('say "hi"', '"say \\"hi\\""'),
+        ("back\\slash", '"back\\\\slash"'),
     ],
 )
 def test_sbatch_quote_escapes_what_sbatch_parses(value: str, quoted: str) -> None:

@@ -112,9 +112,9 @@ def test_sbatch_lines_keep_hostile_values_inside_one_comment_line(tmp_path: Path
     header = text.split("\nset -euo pipefail")[0].splitlines()
     # Every line before `set -euo pipefail` is a comment: nothing there can run.
     assert all(line.startswith("#") for line in header)
-    assert "#SBATCH --partition=debug\\$\\(touch\\ pwned\\)" in header
-    assert "#SBATCH --constraint=a100\\#comment" in header  # an unescaped # would cut the value
-    assert f"#SBATCH --output={tmp_path}/a\\ b/logs/%j_sbatch.out" in header
+    assert '#SBATCH --partition="debug$(touch pwned)"' in header
+    assert '#SBATCH --constraint="a100#comment"' in header  # an unquoted # would cut the value
+    assert f'#SBATCH --output="{tmp_path}/a b/logs/%j_sbatch.out"' in header
 
 
 def test_a_run_dir_with_a_newline_is_refused_not_rendered(tmp_path: Path) -> None:
