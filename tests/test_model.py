@@ -253,3 +253,23 @@ def test_hf_moe_model_reproduces_the_deepspeed_moe_forward_under_renamed_weights
     with torch.no_grad():
         diff = (hf(input_ids=ids).logits - model(input_ids=ids).logits).abs().max()
     assert float(diff) < 1e-5
+
+
+def test_gradient_checkpointing_recomputes_the_moe_forward_to_identical_gradients() -> None:
+    import torch
+
+    from worker.model import moe_aux_loss
+
+    grads = []
+    for checkpointing in (False, True):
+        cfg = _cfg(num_experts=4, top_k=1).model_copy(deep=True)
+        cfg.model.gradient_checkpointing = checkpointing
+        model = _moe_model(cfg).train()
+        assert model.transformer.gradient_checkpointing is checkpointing
+        ids = _batch(seed=4)
+        torch.manual_seed(1)  # random token selection draws from the torch RNG
+        out = model(input_ids=ids, labels=ids)
+        (out.loss + 0.01 * moe_aux_loss(model)).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads[0], grads[1], strict=True))

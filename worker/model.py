@@ -187,8 +187,14 @@ def load_dense_model(cfg: RunConfig, vocab_size: int) -> MptForCausalLM:
             tensor.data = tensor.data.float()
     model.config.use_cache = False
     if mc.gradient_checkpointing:
-        enable: Any = model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # NOTE: non-reentrant recomputation replays the MoE forward (all_to_all included) with the
+        # same RNG state, so gradients equal those without checkpointing.
+        enable: Any = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:  # transformers >= 5.x
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            enable = model.gradient_checkpointing_enable
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
