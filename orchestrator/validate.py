@@ -193,19 +193,25 @@ def human_bytes(n_bytes: int) -> str:
     return f"{n_bytes} B"
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def summary_rows(s: Summary) -> list[tuple[str, str]]:
     """The summary as (label, value) lines, in reading order."""
     rows: list[tuple[str, str]] = [
         ("run", f"{s.name} ({s.executor} executor)"),
-        ("world size", f"{s.world_size} = {s.nodes} nodes x {s.tasks_per_node} ranks/node"),
+        (
+            "world size",
+            f"{s.world_size} = {_plural(s.nodes, 'node')} x {_plural(s.tasks_per_node, 'rank')} per node",
+        ),
         ("data-parallel size", str(s.data_parallel_size)),
     ]
     if s.experts_per_rank:
         rows += [
             (
                 "expert parallelism",
-                f"ep_size {s.ep_size}, {s.expert_parallel_groups} expert-parallel group"
-                + ("s" if s.expert_parallel_groups != 1 else ""),
+                f"ep_size {s.ep_size}, {_plural(s.expert_parallel_groups, 'expert-parallel group')}",
             ),
             ("experts per rank", f"{s.experts_per_rank} per MoE layer"),
         ]

@@ -20,7 +20,7 @@ runner = CliRunner()
 def test_validate_a_shipped_config_by_name_prints_the_summary_and_exits_0() -> None:
     result = runner.invoke(app, ["validate", "mpt7b-moe-4x8"])
     assert result.exit_code == 0, result.output
-    assert "32 = 4 nodes x 8 ranks/node" in result.stdout
+    assert "32 = 4 nodes x 8 ranks per node" in result.stdout
     assert "256 = 1 micro x 8 accumulation x 32 data-parallel" in result.stdout
     assert "ep_size 8, 4 expert-parallel groups" in result.stdout
     assert "of 80 GB" in result.stdout and "activations" in result.stdout
