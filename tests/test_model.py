@@ -226,19 +226,26 @@ def test_upcycling_refuses_layer_indices_the_model_does_not_have() -> None:
         upcycle(dense, cfg)
 
 
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_hf_moe_model_reproduces_the_deepspeed_moe_forward_under_renamed_weights(top_k: int) -> None:
+@pytest.mark.parametrize(
+    ("implementation", "top_k"), [("deepspeed", 1), ("deepspeed", 2), ("dropless", 1), ("dropless", 2)]
+)
+def test_hf_moe_model_reproduces_the_training_moe_forward_under_renamed_weights(
+    implementation: str, top_k: int
+) -> None:
     import torch
 
     from worker.export import hf_key
     from worker.hf_moe.configuration_mpt_moe import MptMoeConfig
     from worker.hf_moe.modeling_mpt_moe import MptMoeForCausalLM
 
-    cfg = _cfg(num_experts=4, top_k=top_k, layers=[1])
+    cfg = _cfg(num_experts=4, top_k=top_k, layers=[1], implementation=implementation)
     model = _moe_model(cfg).eval()
+    experts = model.transformer.blocks[1].ffn.moe.deepspeed_moe.experts.deepspeed_experts
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # distinct experts, so a wrong expert order or weight would show
-        for p in model.transformer.blocks[1].ffn.moe.deepspeed_moe.experts.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        for p in experts.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    assert not torch.equal(experts[0].up_proj.weight, experts[1].up_proj.weight)
     config = MptMoeConfig(
         **{
             k: v for k, v in model.config.to_dict().items() if k not in {"model_type", "transformers_version"}

@@ -153,9 +153,9 @@ def dense_config(cfg: RunConfig, vocab_size: int | None = None) -> MptConfig:
             no_bias=True,
             use_cache=False,
         )
-    config = MptConfig.from_pretrained(
-        mc.name_or_path, revision=mc.revision or "main", trust_remote_code=mc.trust_remote_code
-    )
+    # NOTE: the explicit class reads the hub's MPT config natively; trust_remote_code only matters
+    # to Auto classes (transformers warns and ignores it here).
+    config = MptConfig.from_pretrained(mc.name_or_path, revision=mc.revision or "main")
     if vocab_size is not None:
         config.vocab_size = vocab_size
     return config
