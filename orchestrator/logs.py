@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 Echo = Callable[[str], None]
 _MARKER_RE = re.compile(re.escape(ATTEMPT_MARKER) + r"(\S+) rank (\S+)")
+_SUBMITIT_START = "Starting with JobEnvironment("
 _FILE_RE = re.compile(r"^(\d+)_(\d+)_log\.(out|err)$")
 
 
@@ -69,16 +70,29 @@ def rank_files(run_dir: Path, rec: RunRecord, stream: str) -> list[tuple[str, in
 def split_attempts(
     text: str, job_id: str, by_key: dict[str, int], first_of_job: dict[str, int]
 ) -> Iterator[tuple[int, str]]:
-    """(attempt number, line) for each line of one rank's file."""
+    """(attempt number, line) for each line of one rank's file.
+
+    submitit's own "Starting with JobEnvironment" line comes just before the marker of a new
+    attempt: lines from it up to the marker are held back and given to the marker's attempt.
+    """
     current = first_of_job.get(job_id, 0)
+    held: list[str] = []
     for line in text.splitlines():
         m = _MARKER_RE.search(line)
         if m:
             key = m.group(1)
             restart = key.rsplit(".", 1)[-1]
             current = by_key.get(key, current if restart == "0" else current + 1)
+            for h in held:
+                yield current, h
+            held = []
+            continue
+        if held or _SUBMITIT_START in line:
+            held.append(line)
             continue
         yield current, line
+    for h in held:
+        yield current, h
 
 
 def read_logs(

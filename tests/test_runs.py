@@ -313,3 +313,18 @@ def test_follow_logs_carries_on_into_the_next_attempt_and_stops_at_a_final_state
     seen: list[str] = []
     follow_logs(tmp_path, rank=None, stderr=False, echo=seen.append, interval=0.01, max_s=5)
     assert seen == ["[attempt 1] [rank 0] hello"], "a line still being written is held back"
+
+
+def test_submitits_start_line_belongs_to_the_attempt_it_starts(tmp_path: Path) -> None:
+    from orchestrator.job import marker_line
+    from orchestrator.logs import split_attempts
+
+    text = (
+        "submitit INFO - Starting with JobEnvironment(job_id=5, global_rank=0)\n"
+        f"{marker_line('5.0', '0')}\nstep 1\n"
+        "submitit INFO - Starting with JobEnvironment(job_id=5, global_rank=0)\nLoading pickle\n"
+        f"{marker_line('5.1', '0')}\nstep 2\n"
+    )
+    got = list(split_attempts(text, "5", {"5.0": 1, "5.1": 2}, {"5": 1}))
+    assert [n for n, line in got if "Starting with" in line] == [1, 2]
+    assert (2, "Loading pickle") in got and (2, "step 2") in got and (1, "step 1") in got
