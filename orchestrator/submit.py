@@ -20,12 +20,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from orchestrator import runs
-from orchestrator.config import RunConfig
 from orchestrator.errors import DataFileError, MoeOrchError, SchedulerError, SubmissionError
 from orchestrator.runs import Attempt, RunRecord
+
+if TYPE_CHECKING:  # the schema (pydantic models) is not needed by status/cancel
+    from orchestrator.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
