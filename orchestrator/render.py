@@ -21,7 +21,7 @@ import jinja2
 
 from orchestrator.config import RunConfig
 from orchestrator.configfile import dump_config
-from orchestrator.errors import ConfigError, ConfigIssue
+from orchestrator.errors import ConfigError, ConfigIssue, MoeOrchError
 from orchestrator.nodelist import expand_nodelist
 
 logger = logging.getLogger(__name__)
@@ -275,16 +275,19 @@ def render(
 def write_rendered(files: dict[str, str], out_dir: Path) -> dict[str, Path]:
     """Write rendered files into `out_dir` (sbatch.sh executable); returns their paths."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    for name, text in files.items():
-        path = out_dir / name
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(text)
-        if name.endswith(".sh"):
-            tmp.chmod(0o755)
-        tmp.replace(path)
-        paths[name] = path
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            path = out_dir / name
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.write_text(text)
+            if name.endswith(".sh"):
+                tmp.chmod(0o755)
+            tmp.replace(path)
+            paths[name] = path
+    except OSError as exc:
+        raise MoeOrchError(f"cannot write the rendered files into {out_dir}: {exc.strerror or exc}") from None
     logger.debug("wrote %s into %s", ", ".join(files), out_dir)
     return paths
 
@@ -298,5 +301,8 @@ def render_to_dir(cfg: RunConfig, out: Path, *, python: str, nodelist: str | Non
     out = Path(out).expanduser().absolute()
     files = render(cfg, run_dir=out, python=python, nodelist=nodelist, rendered_dir=out)
     paths = write_rendered(files, out)
-    (out / "logs").mkdir(exist_ok=True)
+    try:
+        (out / "logs").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise MoeOrchError(f"cannot create {out / 'logs'}: {exc.strerror or exc}") from None
     return paths

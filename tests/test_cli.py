@@ -143,3 +143,12 @@ def test_cli_never_imports_heavy_modules(argv: list[str], tmp_path: Path) -> Non
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stderr
+
+
+def test_render_into_a_folder_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = runner.invoke(app, ["render", "tiny-slurm", "--out", str(blocker / "sub")])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: cannot write the rendered files into {blocker / 'sub'}")
+    assert "Traceback" not in result.output
