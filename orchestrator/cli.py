@@ -182,7 +182,14 @@ def schema(
     if out_file is None:
         sys.stdout.write(text)
         return
-    out_file.write_text(text)
+
+    def write() -> None:
+        try:
+            out_file.write_text(text)
+        except OSError as exc:
+            raise MoeOrchError(f"cannot write {out_file}: {exc.strerror or exc}") from None
+
+    _run_cli(write)
     out.print(Text(f"wrote {out_file}"))
 
 
