@@ -262,7 +262,18 @@ def test_dense_export_is_a_plain_mpt_folder_loadable_without_remote_code(tmp_pat
         export_run(run_dir, tmp_path / "hf-bad", tag="step-000009")
     with pytest.raises(CheckpointError, match="has no checkpoint 'step-000001'"):
         export_run(run_dir, tmp_path / "hf-bad", tag="step-000001")
-    assert export_run(run_dir, tmp_path / "hf-again").joinpath("model.safetensors").is_file()
+    # An earlier export is replaced; any other non-empty folder is left alone.
+    (out / "stale.txt").write_text("from an earlier export")
+    assert not (export_run(run_dir, out) / "stale.txt").exists()
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="is not an earlier export"):
+        export_run(run_dir, occupied)
+    assert [p.name for p in occupied.iterdir()] == ["notes.txt"]
+    # ... and an export into a hostile folder name is complete.
+    hostile = export_run(run_dir, tmp_path / "a'; echo foo\n0")
+    assert hostile.name == "a'; echo foo\n0" and (hostile / "model.safetensors").is_file()
 
 
 def test_export_refuses_a_run_without_a_valid_checkpoint_and_lists_what_exists(tmp_path: Path) -> None:
