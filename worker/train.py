@@ -477,6 +477,35 @@ def _resume(trainer: Trainer) -> tuple[str | None, int]:
     return path.name, trainer.step
 
 
+def _fit_world(cfg: RunConfig, info: DistInfo) -> RunConfig:
+    """The config with the job's real world size (a launch by hand may differ from the config)."""
+    if info.world_size == cfg.world_size:
+        return cfg
+    logger.warning(
+        "the job has %d ranks but the config describes %d (nodes x tasks_per_node); the global batch "
+        "follows the job", info.world_size, cfg.world_size,
+    )
+    from orchestrator.configfile import validate_data
+
+    data = cfg.model_dump(mode="json")
+    data["cluster"].update(nodes=1, tasks_per_node=info.world_size, executor="local")
+    if cfg.cluster.gpus_per_node:
+        data["cluster"]["gpus_per_node"] = info.world_size
+    try:
+        return validate_data(data)  # e.g. moe.ep_size must still divide the real world size
+    except ConfigError as exc:
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    "cluster.tasks_per_node",
+                    f"the job was launched with {info.world_size} rank(s) but the config describes "
+                    f"{cfg.world_size}; start {cfg.world_size} ranks (e.g. torchrun --nproc_per_node "
+                    f"{cfg.cluster.tasks_per_node} -m worker ...) or change the config ({exc})",
+                )
+            ]
+        ) from None
+
+
 def run(cfg: RunConfig, run_dir: str | Path, *, info: DistInfo | None = None) -> int:
     """Train `cfg` in `run_dir` as one rank of the job; returns the exit code (worker.signals).
 
@@ -490,16 +519,10 @@ def run(cfg: RunConfig, run_dir: str | Path, *, info: DistInfo | None = None) ->
     info = info or resolve_dist(os.environ, master_port=cfg.cluster.master_port)
     use_gpu = cfg.cluster.gpus_per_node > 0
     init_distributed(info, num_threads=cfg.training.num_threads or cfg.cluster.cpus_per_task, use_gpu=use_gpu)
-    if info.world_size != cfg.world_size:
-        logger.warning(
-            "the job has %d ranks but the config describes %d (nodes x tasks_per_node); the global batch "
-            "follows the job", info.world_size, cfg.world_size,
-        )
-        cfg = cfg.model_copy(deep=True)
-        cfg.cluster.nodes, cfg.cluster.tasks_per_node = 1, info.world_size
     reporter: Reporter | None = None
     trainer: Trainer | None = None
     try:
+        cfg = _fit_world(cfg, info)
         trainer = _setup(cfg, run_path, info, signals, faults)
         reporter = trainer.reporter
         previous = read_progress(run_path) if info.is_main else None
