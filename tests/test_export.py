@@ -316,3 +316,21 @@ def test_deepspeed_parameter_names_map_onto_the_hf_moe_model(deepspeed_name: str
     from worker.export import hf_key
 
     assert hf_key(deepspeed_name) == hf_name
+
+
+def test_cli_export_refuses_a_run_without_a_valid_checkpoint_in_one_line_with_exit_code_2(
+    tmp_path: Path,
+) -> None:
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    run_dir = tmp_path / "run-y"
+    (run_dir / "checkpoints" / "step-000004").mkdir(parents=True)
+    (run_dir / "run.json").write_text("{}")
+    (run_dir / "run.yaml").write_text(dump_config(_tiny_config(enabled=False)))
+    result = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(tmp_path / "hf")])
+    assert result.exit_code == 2
+    assert "run run-y has no valid checkpoint to export (checkpoints there: step-000004)" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "hf").exists()
