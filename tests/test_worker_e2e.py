@@ -1,7 +1,8 @@
 """The worker end to end: 2 ranks over gloo (torchrun), the tiny MoE (4 experts, ep_size 2), fp32.
 
-Each launch costs ~12-15 s of process start and imports on 2 cores, so launches are shared by
-module-scoped fixtures and several tests read the same run.
+Each launch costs ~12-30 s of process start and imports on 2 shared cores, so launches are shared
+by module-scoped fixtures and several tests read the same run (those are marked slow). The fast
+tests at the end check the argument mapping and the DeepSpeed config without launching anything.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import pytest
 
 from worker import checkpoint as ckpt
 from worker.metrics import read_jsonl
-
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny-cpu.yaml"
@@ -133,6 +132,7 @@ def crashed_then_resumed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     return run_dir, resumed.stdout + resumed.stderr
 
 
+@pytest.mark.slow
 def test_a_fresh_process_resumes_with_bitwise_identical_losses_and_weights(
     uninterrupted: Path, crashed_then_resumed: tuple[Path, str]
 ) -> None:
@@ -146,6 +146,7 @@ def test_a_fresh_process_resumes_with_bitwise_identical_losses_and_weights(
     assert_same_tensors(weights(uninterrupted / final), weights(resumed_dir / final))
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_valid_one_with_a_warning(
     crashed_then_resumed: tuple[Path, str],
 ) -> None:
@@ -170,12 +171,14 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_the_tiny_moe_learns_the_sample_data(tiny_run: Path) -> None:
     eval_loss = evals(tiny_run)
     assert min(eval_loss) == 0 and max(eval_loss) == LEARN_STEPS
     assert eval_loss[LEARN_STEPS] <= 0.6 * eval_loss[0]
 
 
+@pytest.mark.slow
 def test_losses_follow_the_reference_trajectory(tiny_run: Path) -> None:
     # torchtitan-style regression check: tests/assets/losses/tiny-cpu.json was recorded by this run.
     reference = json.loads(REFERENCE.read_text())
@@ -186,6 +189,7 @@ def test_losses_follow_the_reference_trajectory(tiny_run: Path) -> None:
         assert got[step] == pytest.approx(expected, rel=tolerance), f"step {step}"
 
 
+@pytest.mark.slow
 def test_metrics_progress_events_and_tensorboard_have_their_fields(tiny_run: Path) -> None:
     lines = [r for r in read_jsonl(tiny_run / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in lines] == list(range(5, LEARN_STEPS + 1, 5))
@@ -244,6 +248,7 @@ training: {{epochs: 1, learning_rate: 3.0e-3, micro_batch_size: 4, gradient_accu
 """
 
 
+@pytest.mark.slow
 def test_the_seed_flags_train_exactly_like_the_equivalent_yaml(tmp_path: Path) -> None:
     seed_dir = tmp_path / "seed"
     proc = launch(seed_dir, [*SEED_ARGS, "--output_dir", str(seed_dir)])
@@ -259,8 +264,71 @@ def test_the_seed_flags_train_exactly_like_the_equivalent_yaml(tmp_path: Path) -
     assert (seed_dir / "run.yaml").is_file()  # a seed-style run records its resolved config
 
 
+@pytest.mark.slow
 def test_old_checkpoints_are_pruned_to_keep_checkpoints(tiny_run: Path) -> None:
     # keep_checkpoints 2 in configs/tiny-cpu.yaml: the newest two survive, both valid.
     assert [i.step for i in ckpt.list_checkpoints(tiny_run)] == [LEARN_STEPS - 50, LEARN_STEPS]
     assert all(ckpt.verify_checkpoint(i.path) for i in ckpt.list_checkpoints(tiny_run))
     assert not list((tiny_run / "checkpoints").glob(".partial-*"))
+
+
+# --- fast: argument mapping and the DeepSpeed config (no launch) --------------------------------
+def test_seed_flags_without_config_map_onto_the_schema_with_the_seeds_dense_default(tmp_path: Path) -> None:
+    from worker.__main__ import build_parser, config_from_args
+
+    argv = [*SEED_ARGS[:-1], "--output_dir", str(tmp_path / "out"), "--local_rank=1"]
+    args = build_parser().parse_args(argv)
+    cfg, run_dir = config_from_args(args)
+    assert run_dir == tmp_path / "out" and cfg.name == "out"
+    assert cfg.model.name_or_path == "tiny" and cfg.data.train_file == str(SAMPLE)
+    t = cfg.training
+    assert (t.learning_rate, t.micro_batch_size, t.warmup_steps, t.seed) == (3e-3, 4, 2, 7)
+    assert (cfg.data.max_seq_length, cfg.data.max_target_length, cfg.data.max_samples) == (64, 16, 48)
+    assert cfg.training.precision == "fp32"  # no GPU here
+    assert cfg.moe.enabled is False  # the seed trained the dense model unless --convert_to_moe
+    moe_args = build_parser().parse_args(["--convert_to_moe", "--output_dir", str(tmp_path)])
+    assert config_from_args(moe_args)[0].moe.enabled is True
+
+
+def test_seed_flags_override_a_config_file(tmp_path: Path) -> None:
+    from worker.__main__ import build_parser, config_from_args
+
+    argv = ["--config", str(TINY), "--run-dir", str(tmp_path), "--learning_rate", "1e-4"]
+    args = build_parser().parse_args([*argv, "--set", "training.max_steps=7"])
+    cfg, _ = config_from_args(args)
+    assert (cfg.training.learning_rate, cfg.training.max_steps, cfg.moe.ep_size) == (1e-4, 7, 2)
+
+
+def test_deepspeed_config_follows_the_run_config() -> None:
+    from orchestrator.configfile import load_config
+    from worker.train import deepspeed_config
+
+    cfg = load_config(TINY, ["training.gradient_accumulation_steps=3", "training.max_grad_norm=0.5"])
+    ds = deepspeed_config(cfg)
+    assert ds["train_batch_size"] == 4 * 3 * 2
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (4, 3)
+    assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"] == {"stage": 2}
+    assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}
+    assert ds["zero_allow_untested_optimizer"] is True and ds["wall_clock_breakdown"] is False
+
+
+@pytest.mark.parametrize(
+    ("schedule", "step", "factor"),
+    [
+        ("linear", 0, 0.1), ("linear", 9, 1.0), ("linear", 10, 1.0), ("linear", 55, 0.5),
+        ("linear", 100, 0.0),
+        ("cosine", 55, 0.5), ("cosine", 100, 0.0), ("constant", 90, 1.0),
+    ],
+)
+def test_lr_warms_up_linearly_then_decays(schedule: str, step: int, factor: float) -> None:
+    from worker.train import lr_multiplier
+
+    assert lr_multiplier(step, warmup=10, total=100, schedule=schedule) == pytest.approx(factor, abs=1e-9)
+
+
+def test_micro_batch_seeds_differ_by_step_micro_and_rank_and_repeat() -> None:
+    from worker.train import step_seed
+
+    seeds = {step_seed(42, s, m, r) for s in range(3) for m in range(2) for r in range(2)}
+    assert len(seeds) == 12
+    assert step_seed(42, 5, 1, 0) == step_seed(42, 5, 1, 0) < 2**63
