@@ -108,7 +108,14 @@ def _hf_config(run_config: RunConfig, state: dict[str, torch.Tensor], moe_blocks
     from worker.model import dense_config
 
     vocab_size = int(state["transformer.wte.weight"].shape[0])
-    base = dense_config(run_config, vocab_size)
+    try:
+        base = dense_config(run_config, vocab_size)
+    except OSError as exc:
+        name = run_config.model.name_or_path
+        raise ExportError(
+            f"cannot read the base model's config from {name!r} ({exc}); export where the hub (or its "
+            "cache, HF_HOME) is reachable, as during training"
+        ) from None
     base.use_cache = True
     if not moe_blocks:
         return base
