@@ -318,7 +318,8 @@ class Trainer:
                 window_tokens, window_time = 0, 0.0
             if self.faults.crash_at_step is not None and self.step == self.faults.crash_at_step:
                 raise InjectedFault(f"MOE_ORCH_FAULT crash_at_step:{self.step}")
-            if red[3] > 0 or red[4] > 0:
+            if (red[3] > 0 or red[4] > 0) and self.step < self.total_steps:
+                # NOTE: a signal at the last step just completes (the final save follows).
                 return self._stop("USR2" if red[3] > 0 else "TERM", last_saved)
             if eval_every is not None and self.step % eval_every == 0 and self.step < self.total_steps:
                 self._log_eval()
@@ -348,6 +349,8 @@ class Trainer:
                 requeued = requeue_slurm_job(self.info.job_id)
             self.reporter.event("exit", reason=reason, step=self.step, requeued=requeued, error=None)
             logger.warning("stopped at step %d (%s), requeued: %s", self.step, reason, requeued)
+        self.reporter.close()
+        self.barrier()  # leave together: no rank exits while rank 0 still reports or requeues
         return EXIT_STOPPED
 
     def _log_eval(self) -> None:
