@@ -283,7 +283,8 @@ def derive_state(rec: RunRecord, budgets: Budgets, job_alive: bool) -> None:
     if cur is None:
         rec.state = runs.PENDING
         return
-    if cur.state == runs.RUNNING:
+    if cur.state == runs.RUNNING or (cur.state != "ended" and cur.slurm_state in ("RUNNING", "CONFIGURING")):
+        # NOTE: the job runs before the worker's start event (imports take seconds).
         rec.state, rec.state_reason = runs.RUNNING, None
         return
     if cur.state != "ended":

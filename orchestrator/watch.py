@@ -128,10 +128,8 @@ def watch(home: Path, specs: list[str], *, interval: float, once: bool, echo: Ec
             dirs = [d for d in runs.list_runs(home) if not runs.read_run(d).final]
         views = watch_once(dirs, echo)
         for v in views:
-            echo(
-                f"{v.record.run_id}: {v.record.state}"
-                + (f" ({v.record.state_reason})" if v.record.state_reason else "")
-            )
+            rec = runs.read_run(v.run_dir)  # after any resubmission
+            echo(f"{rec.run_id}: {rec.state}" + (f" ({rec.state_reason})" if rec.state_reason else ""))
         if once or all(v.record.final for v in views):
             return views
         time.sleep(interval)
