@@ -52,7 +52,8 @@ def parse_yaml(text: str, file: str) -> tuple[dict[str, Any], dict[Loc, int]]:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`training.learning_rate=1e-4` -> (["training", "learning_rate"], 1e-4); values are YAML."""
     if "=" not in item:
-        raise ConfigError([ConfigIssue("", f"--set {item!r}: expected section.key=value, e.g. training.max_steps=20")])
+        message = f"--set {item!r}: expected section.key=value, e.g. training.max_steps=20"
+        raise ConfigError([ConfigIssue("", message)])
     key, raw = item.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
