@@ -228,8 +228,11 @@ def apply_local(rec: RunRecord, alive: Mapping[str, bool], now: float) -> None:
         att.state = "ended"
         att.ended = now
         att.slurm_state = "EXITED"
-        att.stop_reason = "failed"
-        att.error = att.error or "the local job ended without an exit event from the worker"
+        if rec.cancel_requested:
+            att.stop_reason = "cancelled"
+        else:
+            att.stop_reason = "failed"
+            att.error = att.error or "the local job ended without an exit event from the worker"
 
 
 # --- run state and budgets ----------------------------------------------------------------------

@@ -103,7 +103,8 @@ def poll(run_dirs: list[Path], *, now: float | None = None) -> list[RunView]:
     stamp = now if now is not None else time.time()
     views: list[RunView] = []
     for d, rec in records:
-        if rec.final and not _needs_scheduler(rec) and not _events_newer(d, rec):
+        open_attempt = rec.current is not None and rec.current.state != "ended"
+        if rec.final and not open_attempt and not _needs_scheduler(rec) and not _events_newer(d, rec):
             views.append(RunView(d, rec, runs.read_progress(d), snap))
             continue
 

@@ -328,3 +328,12 @@ def test_submitits_start_line_belongs_to_the_attempt_it_starts(tmp_path: Path) -
     got = list(split_attempts(text, "5", {"5.0": 1, "5.1": 2}, {"5": 1}))
     assert [n for n, line in got if "Starting with" in line] == [1, 2]
     assert (2, "Loading pickle") in got and (2, "step 2") in got and (1, "step 1") in got
+
+
+def test_a_cancelled_local_job_ends_its_attempt_cancelled(tmp_path: Path) -> None:
+    rec = make_record(tmp_path, executor="local")
+    rec.attempts.append(Attempt(number=1, job_id="4242", submitted=NOW - 60))
+    rec.cancel_requested, rec.state = True, runs.CANCELLED
+    refresh(rec, [start("4242", nodes=("vm",))], None, local_alive={"4242": False})
+    assert rec.attempts[0].stop_reason == "cancelled" and rec.attempts[0].error is None
+    assert rec.state == runs.CANCELLED
