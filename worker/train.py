@@ -124,7 +124,6 @@ class Trainer:
     engine: Any
     batches: Any  # worker.data.RankBatches
     eval_batches: Any  # worker.data.EvalBatches
-    label_vocab: list[str]
     reporter: Reporter
     signals: SignalState
     faults: Faults
@@ -242,7 +241,7 @@ class Trainer:
         total_loss, total_count = self.all_reduce([loss_sum, count])
         return total_loss / max(total_count, 1.0)
 
-    def save(self, epoch: int) -> ckpt.SaveResult:
+    def save(self) -> ckpt.SaveResult:
         offset = self.step % self.steps_per_epoch
         client_state = {
             "step": self.step,
@@ -324,13 +323,13 @@ class Trainer:
             if eval_every is not None and self.step % eval_every == 0 and self.step < self.total_steps:
                 self._log_eval()
             if (self.step % t.save_steps == 0 or red[5] > 0) and self.step < self.total_steps:
-                self.save(epoch)
+                self.save()
                 last_saved = self.step
                 if red[5] > 0 and self.info.is_main:
                     clear_save_now(self.run_dir)
         self._log_eval()
         if last_saved != self.step:
-            self.save((self.step - 1) // self.steps_per_epoch)
+            self.save()
         self.reporter.event("exit", reason="completed", step=self.step, requeued=False, error=None)
         return EXIT_COMPLETED
 
@@ -339,7 +338,7 @@ class Trainer:
         logger.warning("stop signal %s: saving a checkpoint at step %d", signal_name, self.step)
         self.reporter.event("signal", signal=signal_name, step=self.step)
         if last_saved != self.step:
-            self.save((self.step - 1) // self.steps_per_epoch)
+            self.save()
         requeued = False
         if self.info.is_main:
             reason = stop_reason_from_env(
@@ -459,7 +458,7 @@ def _setup(cfg: RunConfig, run_dir: Path, info: DistInfo, signals: SignalState, 
     reporter = Reporter(run_dir, enabled=info.is_main, attempt_key=info.attempt_key)
     return Trainer(
         cfg=cfg, run_dir=run_dir, info=info, engine=engine, batches=batches, eval_batches=eval_batches,
-        label_vocab=train_ds.label_vocab, reporter=reporter, signals=signals, faults=faults,
+        reporter=reporter, signals=signals, faults=faults,
         total_steps=n_steps, steps_per_epoch=steps_per_epoch, routing=routing, pad_id=train_ds.pad_id,
     )
 
