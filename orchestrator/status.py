@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,7 @@ def poll(run_dirs: list[Path], *, now: float | None = None) -> list[RunView]:
                 budgets=Budgets.from_dict(r.budgets),
                 now=stamp,
             )
+            _attach_result_errors(r, d)
 
         try:
             rec = runs.update_run(d, _refresh)
@@ -126,6 +128,31 @@ def poll(run_dirs: list[Path], *, now: float | None = None) -> list[RunView]:
             _refresh(rec)
         views.append(RunView(d, rec, runs.read_progress(d), snap))
     return views
+
+
+def result_error(run_dir: Path, job_id: str) -> str | None:
+    """The last line of the first error traceback submitit pickled for `job_id` (a rank that
+    raised before the worker could write an `exit` event, e.g. an import error)."""
+    for path in sorted((run_dir / "logs").glob(f"{job_id}_*_result.pkl")):
+        try:
+            with path.open("rb") as f:
+                outcome = pickle.load(f)
+        except Exception:  # a pickle being written, or one needing unavailable classes
+            continue
+        if isinstance(outcome, tuple) and len(outcome) == 2 and outcome[0] == "error":
+            lines = [ln for ln in str(outcome[1]).strip().splitlines() if ln.strip()]
+            if lines:
+                return f"{lines[-1].strip()} (rank {path.name.split('_')[1]})"
+    return None
+
+
+def _attach_result_errors(rec: RunRecord, run_dir: Path) -> None:
+    for att in rec.attempts:
+        generic = att.error is None or "without an exit event" in att.error
+        if att.state == "ended" and att.job_id and att.stop_reason == "failed" and generic:
+            found = result_error(run_dir, att.job_id)
+            if found:
+                att.error = found
 
 
 def _events_newer(run_dir: Path, rec: RunRecord) -> bool:

@@ -337,3 +337,19 @@ def test_a_cancelled_local_job_ends_its_attempt_cancelled(tmp_path: Path) -> Non
     refresh(rec, [start("4242", nodes=("vm",))], None, local_alive={"4242": False})
     assert rec.attempts[0].stop_reason == "cancelled" and rec.attempts[0].error is None
     assert rec.state == runs.CANCELLED
+
+
+def test_a_rank_that_died_before_the_worker_started_shows_its_error(tmp_path: Path) -> None:
+    import pickle
+
+    from orchestrator.status import poll
+
+    rec = make_record(tmp_path, executor="local", max_failures=0)
+    rec.attempts.append(Attempt(number=1, job_id="999999999", submitted=NOW - 60))
+    runs.write_run(tmp_path, rec)
+    (tmp_path / "logs").mkdir()
+    trace = "Traceback (most recent call last):\n  ...\nModuleNotFoundError: No module named 'worker'\n"
+    (tmp_path / "logs" / "999999999_1_result.pkl").write_bytes(pickle.dumps(("error", trace)))
+    (view,) = poll([tmp_path])
+    assert view.record.state == runs.FAILED
+    assert view.record.attempts[0].error == "ModuleNotFoundError: No module named 'worker' (rank 1)"
