@@ -76,6 +76,10 @@ class SubmissionPlan:
         return "\n".join(lines)
 
 
+class NothingToCancelError(MoeOrchError):
+    """The run already ended (completed or failed)."""
+
+
 def job_env(cfg: RunConfig) -> dict[str, str]:
     """Environment the job function sets before starting the worker (same as sbatch.sh exports)."""
     env: dict[str, str] = {}
@@ -326,7 +330,10 @@ def submit(
     from orchestrator.bundle import pip_freeze
 
     cfg, config_file = _load_and_check(config, overrides)
-    run_dir, _ = create_run(cfg, runs.runs_home(home), config_file)
+    root = runs.runs_home(home)
+    # Render once before anything exists: a value SLURM cannot take (ConfigError) creates nothing.
+    plan_submission(cfg, root / runs.new_run_id(cfg.name))
+    run_dir, _ = create_run(cfg, root, config_file)
     echo(run_dir.name)
     freeze = pip_freeze(cfg.cluster.python)
     attempt = submit_attempt(run_dir, cfg, note="first submission", freeze=freeze)
@@ -373,9 +380,10 @@ def cancel(run_dir: Path) -> RunRecord:
     """Cancel the run: record `cancelled` first, then scancel (or signal the local job)."""
 
     def _mark(r: RunRecord) -> None:
+        if r.state in (runs.COMPLETED, runs.FAILED):
+            raise NothingToCancelError(f"run {r.run_id} already {r.state}; nothing to cancel")
         r.cancel_requested = True
-        if not r.final:
-            r.state, r.state_reason = runs.CANCELLED, "cancelled by moe-orch cancel"
+        r.state, r.state_reason = runs.CANCELLED, "cancelled by moe-orch cancel"
 
     rec = runs.update_run(run_dir, _mark)
     cur = rec.current
@@ -386,11 +394,14 @@ def cancel(run_dir: Path) -> RunRecord:
             # NOTE: submitit's local controller turns SIGINT into killing its tasks (SIGINT, then
             # SIGKILL after 1 s), like LocalJob.cancel().
             os.kill(int(cur.job_id), signal.SIGINT)
-    else:
-        from orchestrator import slurm
+        return rec
+    from orchestrator import slurm
 
-        try:
-            slurm.scancel(cur.job_id)
-        except SchedulerError:
+    try:
+        slurm.scancel(cur.job_id)
+    except SchedulerError as exc:
+        # A job that already ended cannot be cancelled; the record says cancelled either way.
+        if "completed" not in str(exc) and "Invalid job id" not in str(exc):
             raise
+        logger.info("%s", exc)
     return rec

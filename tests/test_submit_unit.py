@@ -161,3 +161,20 @@ def test_a_cancelled_run_cannot_be_resumed(fake: FakeSlurm, tmp_path: Path) -> N
     with pytest.raises(SubmissionError, match="never comes back"):
         resume(run_dir)
     assert fake.count("sbatch") == 1
+
+
+def test_cancel_refuses_a_completed_run(fake: FakeSlurm, tmp_path: Path) -> None:
+    from orchestrator.submit import NothingToCancelError
+
+    run_dir = _submit(tmp_path / "home")
+    runs.update_run(run_dir, lambda r: setattr(r, "state", runs.COMPLETED))
+    with pytest.raises(NothingToCancelError, match="already completed"):
+        submit.cancel(run_dir)
+    assert fake.count("scancel") == 0
+
+
+def test_a_value_slurm_cannot_take_creates_no_run(fake: FakeSlurm, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        submit.submit(TINY_SLURM, ['cluster.account="a\\tb"'], home=str(tmp_path / "home"), echo=print)
+    assert not any((tmp_path / "home").glob("*/run.json"))
+    assert fake.calls == []
