@@ -218,7 +218,7 @@ def apply_local(rec: RunRecord, alive: Mapping[str, bool], now: float) -> None:
         if not att.job_id:
             continue
         if att.state == "ended":
-            if att.slurm_state == "RUNNING" and not alive.get(att.job_id, False):
+            if att.slurm_state == "RUNNING":  # the worker wrote its exit event
                 att.slurm_state = "EXITED"
             continue
         if alive.get(att.job_id, False):

@@ -143,7 +143,7 @@ def follow(run_dir: Path, echo: Echo, *, interval: float = 2.0, timeout_s: float
     start = time.time()
     while True:
         view = watch_once([run_dir], echo)[0]
-        rec = view.record
+        rec = runs.read_run(run_dir)  # after any resubmission
         label = rec.state + (f" ({rec.state_reason})" if rec.state_reason else "")
         if label != last_state:
             cur = rec.current
