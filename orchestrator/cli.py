@@ -281,6 +281,9 @@ def status(
 
     root = home_dir(home)
     dirs = [_find(home, run)] if run else runs_lib.list_runs(root)
+    if not dirs and not as_json:
+        out.print(Text(f"no runs under {root} (submit one with `moe-orch submit CONFIG`)"))
+        return
 
     def render() -> Text | Table:
         views = poll(dirs)
