@@ -81,9 +81,12 @@ class Reporter:
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(log_dir=str(run_dir / TB_DIR))
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    logger.warning("tensorboard is not installed: no tb/ events (pip install tensorboard)")
+                else:
+                    self._tb = SummaryWriter(log_dir=str(run_dir / TB_DIR))
 
     def event(self, name: str, **fields: Any) -> None:
         if not self.enabled:

@@ -557,6 +557,8 @@ def run(cfg: RunConfig, run_dir: str | Path, *, info: DistInfo | None = None) ->
         reporter.close()
         if code == EXIT_COMPLETED:
             trainer.barrier()
+        # NOTE: the orchestrator's submitit job calls this in-process; leave no process group behind.
+        dist.destroy_process_group()
         return code
     except Exception as exc:
         if info.is_main:
