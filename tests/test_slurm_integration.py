@@ -142,3 +142,31 @@ def test_dry_run_and_invalid_config_submit_nothing(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "ep_size" in bad.stderr
     assert squeue_ids() == before
     assert not any(tmp_path.iterdir())
+
+
+def test_a_preempted_job_requeues_as_a_second_attempt_of_the_same_run(tmp_path: Path) -> None:
+    res = moe_orch(
+        "submit", "configs/tiny-slurm.yaml", "--set", "training.max_steps=200",
+        "--set", "training.save_steps=20", "--set", "cluster.time_min=60", home=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    run_id = res.stdout.splitlines()[0]
+    run_dir = tmp_path / run_id
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "checkpoints" / "step-000020").is_dir():
+        time.sleep(0.5)
+    job = status_json(run_id, tmp_path)["attempts"][0]["job_id"]
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    deadline = time.time() + 240
+    record = status_json(run_id, tmp_path)
+    while time.time() < deadline and record["state"] not in ("completed", "failed", "cancelled"):
+        time.sleep(3)
+        record = status_json(run_id, tmp_path)
+    assert record["state"] == "completed", record
+    first, second = record["attempts"]
+    assert first["job_id"] == second["job_id"] == job
+    assert (first["attempt_key"], second["attempt_key"]) == (f"{job}.0", f"{job}.1")
+    assert first["stop_reason"] == "preempted" and first["requeued"]
+    assert second["resumed_from"] is not None and second["stop_reason"] == "completed"
+    logs = moe_orch("logs", run_id, "--rank", "0", home=tmp_path).stdout
+    assert "[attempt 1] [rank 0]" in logs and "[attempt 2] [rank 0]" in logs
