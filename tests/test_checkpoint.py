@@ -112,3 +112,15 @@ def test_no_checkpoint_means_no_resume(tmp_path: Path) -> None:
 def test_tags_sort_in_step_order_and_parse_back(step: int, tag: str) -> None:
     assert ckpt.tag_for_step(step) == tag
     assert ckpt.step_of_tag(tag) == step
+
+
+def test_ranks_split_the_hashing_and_together_catch_a_flipped_byte(tmp_path: Path) -> None:
+    path = fake_save(tmp_path, 3)
+    assert all(ckpt.verify_checkpoint(path, rank=r, world_size=2) for r in range(2))
+    target = path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = bytearray(target.read_bytes())
+    data[5] ^= 0x10
+    target.write_bytes(bytes(data))
+    verdicts = [ckpt.verify_checkpoint(path, rank=r, world_size=2) for r in range(2)]
+    assert verdicts.count(False) == 1  # exactly the rank that hashes that file notices
+    assert not all(verdicts)  # which is what the ranks' MIN all-reduce acts on

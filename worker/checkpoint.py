@@ -7,7 +7,8 @@ written last. `checkpoints/latest` holds the newest complete tag (written atomic
 
 A save (`save_checkpoint`, every rank calls it):
 1. every rank: `engine.save_checkpoint(checkpoints/.partial-<tag>, tag, save_latest=False)`;
-2. barrier; rank 0 writes `client_state.json`, fsyncs every file, writes `manifest.json`, renames
+2. barrier; every rank fsyncs and sha256-hashes a share of the files (all_gather to rank 0);
+   rank 0 writes `client_state.json`, then `manifest.json` (last), renames
    `.partial-<tag>/<tag>` to `checkpoints/<tag>`, fsyncs the folder, replaces `latest`, prunes
    to `keep_checkpoints` (never the newest valid one) and removes stale `.partial-*` folders;
 3. barrier: when it returns, the checkpoint is durable on every rank's view.
@@ -101,15 +102,27 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def write_manifest(folder: Path, tag: str, step: int) -> int:
-    """fsync every file of `folder`, then write its manifest (last). Returns the bytes covered."""
-    files: dict[str, dict[str, Any]] = {}
-    total = 0
-    for path in _files(folder):
+def hash_files(folder: Path, rank: int = 0, world_size: int = 1) -> dict[str, dict[str, Any]]:
+    """fsync and hash this rank's share of `folder`'s files (every `world_size`-th, from `rank`)."""
+    entries: dict[str, dict[str, Any]] = {}
+    for path in _files(folder)[rank::world_size]:
         _fsync_file(path)
-        size = path.stat().st_size
-        total += size
-        files[path.relative_to(folder).as_posix()] = {"sha256": _sha256(path), "size": size}
+        entries[path.relative_to(folder).as_posix()] = {"sha256": _sha256(path), "size": path.stat().st_size}
+    return entries
+
+
+def write_manifest(
+    folder: Path, tag: str, step: int, known: dict[str, dict[str, Any]] | None = None
+) -> int:
+    """fsync and hash every file of `folder` not in `known` (entries other ranks computed), then
+    write its manifest (last). Returns the bytes covered."""
+    files = dict(known or {})
+    for path in _files(folder):
+        rel = path.relative_to(folder).as_posix()
+        if rel not in files:
+            _fsync_file(path)
+            files[rel] = {"sha256": _sha256(path), "size": path.stat().st_size}
+    total = sum(int(entry["size"]) for entry in files.values())
     manifest = {"tag": tag, "step": step, "files": files, "complete": True}
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return total
@@ -124,9 +137,13 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def verify_checkpoint(path: str | Path, *, full: bool = True) -> bool:
+def verify_checkpoint(path: str | Path, *, full: bool = True, rank: int = 0, world_size: int = 1) -> bool:
     """Whether `path` is a complete checkpoint: its manifest lists every file with the right size
-    and (when `full`) sha256, and no file is missing. `full=False` checks sizes only (fast)."""
+    and (when `full`) sha256, and no file is missing. `full=False` checks sizes only (fast).
+
+    With `world_size` > 1, sizes are checked for every file but only this rank's share (every
+    `world_size`-th file from `rank`) is hashed: the ranks split the work and combine the answers.
+    """
     folder = Path(path)
     manifest = read_manifest(folder)
     if manifest is None or manifest.get("complete") is not True:
@@ -136,14 +153,14 @@ def verify_checkpoint(path: str | Path, *, full: bool = True) -> bool:
     files: dict[str, Any] = manifest["files"]
     if not files:
         return False
-    for rel, meta in files.items():
+    for i, (rel, meta) in enumerate(sorted(files.items())):
         file = folder / rel
         try:
             if file.stat().st_size != meta["size"]:
                 return False
         except (OSError, KeyError, TypeError):
             return False
-        if full and _sha256(file) != meta.get("sha256"):
+        if full and i % world_size == rank and _sha256(file) != meta.get("sha256"):
             return False
     return True
 
@@ -227,18 +244,23 @@ def remove_stale_partials(run_dir: str | Path, keep: str | None = None) -> None:
 
 
 def finalize_checkpoint(
-    run_dir: str | Path, tag: str, step: int, client_state: dict[str, Any], keep: int | None
+    run_dir: str | Path,
+    tag: str,
+    step: int,
+    client_state: dict[str, Any],
+    keep: int | None,
+    known: dict[str, dict[str, Any]] | None = None,
 ) -> int:
     """Rank 0's half of a save, once every rank's files are in `.partial-<tag>/<tag>`.
 
-    Writes client_state.json and the manifest, renames the folder into place, updates `latest`,
-    prunes. Returns the bytes of the checkpoint.
+    Writes client_state.json and the manifest (`known`: hashes the ranks already computed),
+    renames the folder into place, updates `latest`, prunes. Returns the bytes of the checkpoint.
     """
     root = checkpoints_dir(run_dir)
     partial = root / f"{PARTIAL_PREFIX}{tag}"
     staged = partial / tag
     (staged / CLIENT_STATE).write_text(json.dumps(client_state, indent=1, sort_keys=True) + "\n")
-    total = write_manifest(staged, tag, step)
+    total = write_manifest(staged, tag, step, known)
     final = root / tag
     if final.exists():
         # An older, invalid folder with the same tag (a save killed after its rename is impossible,
@@ -259,6 +281,20 @@ class SaveResult:
     path: Path
     save_s: float
     bytes: int
+
+
+def _gather_hashes(folder: Path, rank: int) -> dict[str, dict[str, Any]]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return hash_files(folder)
+    world = dist.get_world_size()
+    shares: list[Any] = [None] * world
+    dist.all_gather_object(shares, hash_files(folder, rank, world))
+    merged: dict[str, dict[str, Any]] = {}
+    for share in shares:
+        merged.update(share)
+    return merged
 
 
 def _barrier() -> None:
@@ -293,9 +329,12 @@ def save_checkpoint(
         logger.warning("MOE_ORCH_FAULT hold_save: sleeping %.1f s before the manifest", hold_save_s)
         time.sleep(hold_save_s)
     _barrier()
+    # NOTE: every rank fsyncs and hashes a share of the files (a 7B checkpoint is ~100 GB: hashing
+    # it on rank 0 alone would eat the signal_delay_s budget); rank 0 gathers the entries.
+    known = _gather_hashes(partial / tag, rank)
     total = 0
     if rank == 0:
-        total = finalize_checkpoint(run_dir, tag, step, client_state, keep)
+        total = finalize_checkpoint(run_dir, tag, step, client_state, keep, known)
     _barrier()
     elapsed = time.perf_counter() - started
     return SaveResult(tag=tag, path=root / tag, save_s=elapsed, bytes=total)

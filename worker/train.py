@@ -399,16 +399,29 @@ def _barrier_fn(info: DistInfo) -> Callable[[], None]:
 
 
 def _choose_resume(run_dir: Path, info: DistInfo) -> Path | None:
-    """Rank 0 picks the newest valid checkpoint (full sha256 check) and tells the others."""
+    """The newest checkpoint whose manifest verifies (sha256 of every file), all ranks agreeing.
+
+    Rank 0 lists the candidates (one view of a shared filesystem); every rank hashes a share of
+    each candidate's files, newest first, and the ranks all-reduce the verdict (MIN).
+    """
+    import torch
     import torch.distributed as dist
 
-    choice: list[str | None] = [None]
-    if info.is_main:
-        found = ckpt.latest_valid_checkpoint(run_dir)
-        choice[0] = str(found) if found is not None else None
-    if info.world_size > 1:
-        dist.broadcast_object_list(choice, src=0)
-    return Path(choice[0]) if choice[0] is not None else None
+    if info.world_size == 1:
+        return ckpt.latest_valid_checkpoint(run_dir)
+    listing: list[Any] = [[str(i.path) for i in ckpt.list_checkpoints(run_dir)] if info.is_main else None]
+    dist.broadcast_object_list(listing, src=0)
+    for path in reversed([Path(p) for p in listing[0]]):
+        ok = ckpt.verify_checkpoint(path, rank=info.rank, world_size=info.world_size)
+        verdict = torch.tensor([1 if ok else 0], dtype=torch.long)
+        dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
+        if int(verdict):
+            return path
+        if info.is_main:
+            logger.warning(
+                "checkpoint %s is incomplete or damaged (manifest does not verify); skipping it", path
+            )
+    return None
 
 
 def _setup(cfg: RunConfig, run_dir: Path, info: DistInfo, signals: SignalState, faults: Faults) -> Trainer:
