@@ -23,7 +23,15 @@ from typing import Any
 
 from orchestrator import runs
 from orchestrator.runs import Attempt, RunRecord
-from orchestrator.slurm import AcctRow, QueueRow, Snapshot, rows_since, stop_reason_for
+from orchestrator.slurm import (
+    SUBMIT_SLACK_S,
+    AcctRow,
+    QueueRow,
+    Snapshot,
+    expand_nodelist,
+    rows_since,
+    stop_reason_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +149,7 @@ def _queue_row(snap: Snapshot, att: Attempt, first_submit: float | None) -> Queu
     row = snap.queue.get(att.job_id or "")
     if row is None:
         return None
-    if first_submit is not None and row.submit is not None and row.submit < first_submit - 120:
+    if first_submit is not None and row.submit is not None and row.submit < first_submit - SUBMIT_SLACK_S:
         return None  # an older job with a reused id
     return row
 
@@ -184,8 +192,6 @@ def apply_scheduler(rec: RunRecord, snap: Snapshot, now: float) -> None:
             else:
                 att.slurm_state = q.state
                 if not att.nodes and q.nodelist:
-                    from orchestrator.slurm import expand_nodelist
-
                     att.nodes = expand_nodelist(q.nodelist)
             continue
         final_state: str | None = None

@@ -304,8 +304,9 @@ def submit_attempt(run_dir: Path, cfg: RunConfig, *, note: str | None, freeze: s
 
     def _record(r: RunRecord) -> None:
         for att in r.attempts:
-            if att.job_id == job_id and att.submitted is None:
-                att.submitted = submitted
+            if att.job_id == job_id:  # a poll saw the worker start before this update
+                att.submitted = min(att.submitted or submitted, submitted)
+                att.exclude, att.note = plan.cfg.cluster.exclude, note
                 return
         r.attempts.append(
             Attempt(
