@@ -340,7 +340,7 @@ def logs(
 @app.command()
 def cancel(run: RunArg, home: HomeOption = None) -> None:
     """Cancel the run's job; the run ends `cancelled` and is never requeued or resubmitted."""
-    from orchestrator.submit import cancel as cancel_run
+    from orchestrator.control import cancel as cancel_run
 
     rec = _run_cli(lambda: cancel_run(_find(home, run)))
     job = rec.current.job_id if rec.current else None

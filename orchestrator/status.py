@@ -79,7 +79,7 @@ def _needs_scheduler(rec: RunRecord) -> bool:
 def poll(run_dirs: list[Path], *, now: float | None = None) -> list[RunView]:
     """Refresh every run in `run_dirs` (one scheduler query for all) and return their views."""
     from orchestrator import slurm
-    from orchestrator.submit import local_alive
+    from orchestrator.control import local_alive
 
     records = []
     for d in run_dirs:

@@ -1,4 +1,4 @@
-"""`submit`, `resume` and `cancel`: the side effects (run directory, submitit executors, scancel).
+"""`submit` and resubmission: the side effects (run directory, bundle, submitit executors).
 
 The request is built apart from running it (`plan_submission` is pure apart from reading data
 files): `--dry-run` prints the plan, `submit` creates the run and hands the plan to submitit.
@@ -12,9 +12,7 @@ sbatch receives are byte for byte those `render` and `--dry-run` show.
 from __future__ import annotations
 
 import logging
-import os
 import shlex
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from orchestrator import runs
-from orchestrator.errors import DataFileError, MoeOrchError, SchedulerError, SubmissionError
+from orchestrator.errors import DataFileError, MoeOrchError, SubmissionError
 from orchestrator.runs import Attempt, RunRecord
 
 if TYPE_CHECKING:  # the schema (pydantic models) is not needed by status/cancel
@@ -74,10 +72,6 @@ class SubmissionPlan:
         lines.append("environment set by the job function:")
         lines += [f"  {k}={v}" for k, v in sorted(self.env.items())]
         return "\n".join(lines)
-
-
-class NothingToCancelError(MoeOrchError):
-    """The run already ended (completed or failed)."""
 
 
 def job_env(cfg: RunConfig) -> dict[str, str]:
@@ -342,7 +336,7 @@ def submit(
     return run_dir
 
 
-# --- resume and cancel ------------------------------------------------------------------------
+# --- resume -------------------------------------------------------------------------------------
 
 
 def resubmit(run_dir: Path, *, note: str) -> Attempt:
@@ -354,55 +348,3 @@ def resubmit(run_dir: Path, *, note: str) -> Attempt:
         raise SubmissionError(f"run {rec.run_id} was cancelled; a cancelled run never comes back")
     cfg = load_resolved(run_dir / "run.yaml")
     return submit_attempt(run_dir, cfg, note=note, freeze=None)
-
-
-def local_alive(job_ids: list[str]) -> dict[str, bool]:
-    """Whether each local job's controller (pid = job id) is alive and is submitit's."""
-    out: dict[str, bool] = {}
-    for jid in job_ids:
-        out[jid] = _pid_is_local_controller(jid)
-    return out
-
-
-def _pid_is_local_controller(jid: str) -> bool:
-    if not jid.isdigit():
-        return False
-    proc = Path("/proc") / jid
-    try:
-        stat = (proc / "stat").read_text()
-        cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return False
-    state = stat.rsplit(")", 1)[-1].split()[0] if ")" in stat else "?"
-    return state not in ("Z", "X") and "submitit" in cmdline
-
-
-def cancel(run_dir: Path) -> RunRecord:
-    """Cancel the run: record `cancelled` first, then scancel (or signal the local job)."""
-
-    def _mark(r: RunRecord) -> None:
-        if r.state in (runs.COMPLETED, runs.FAILED):
-            raise NothingToCancelError(f"run {r.run_id} already {r.state}; nothing to cancel")
-        r.cancel_requested = True
-        r.state, r.state_reason = runs.CANCELLED, "cancelled by moe-orch cancel"
-
-    rec = runs.update_run(run_dir, _mark)
-    cur = rec.current
-    if cur is None or not cur.job_id:
-        return rec
-    if rec.executor == "local":
-        if _pid_is_local_controller(cur.job_id):
-            # NOTE: submitit's local controller turns SIGINT into killing its tasks (SIGINT, then
-            # SIGKILL after 1 s), like LocalJob.cancel().
-            os.kill(int(cur.job_id), signal.SIGINT)
-        return rec
-    from orchestrator import slurm
-
-    try:
-        slurm.scancel(cur.job_id)
-    except SchedulerError as exc:
-        # A job that already ended cannot be cancelled; the record says cancelled either way.
-        if "completed" not in str(exc) and "Invalid job id" not in str(exc):
-            raise
-        logger.info("%s", exc)
-    return rec

@@ -10,7 +10,7 @@ import pytest
 from fakes import FakeSlurm
 from typer.testing import CliRunner
 
-from orchestrator import runs, submit
+from orchestrator import control, runs, submit
 from orchestrator.bundle import redact_env
 from orchestrator.cli import app
 from orchestrator.errors import ConfigError, SubmissionError
@@ -147,7 +147,7 @@ def test_cancel_records_cancelled_before_scancel(fake: FakeSlurm, tmp_path: Path
     run_dir = _submit(tmp_path / "home")
     seen: list[str] = []
     fake.on_scancel = lambda jid: seen.append(runs.read_run(run_dir).state)
-    rec = submit.cancel(run_dir)
+    rec = control.cancel(run_dir)
     assert seen == [runs.CANCELLED]
     assert rec.cancel_requested
     assert fake.calls[-1] == ["scancel", "100"]
@@ -157,19 +157,19 @@ def test_a_cancelled_run_cannot_be_resumed(fake: FakeSlurm, tmp_path: Path) -> N
     from orchestrator.watch import resume
 
     run_dir = _submit(tmp_path / "home")
-    submit.cancel(run_dir)
+    control.cancel(run_dir)
     with pytest.raises(SubmissionError, match="never comes back"):
         resume(run_dir)
     assert fake.count("sbatch") == 1
 
 
 def test_cancel_refuses_a_completed_run(fake: FakeSlurm, tmp_path: Path) -> None:
-    from orchestrator.submit import NothingToCancelError
+    from orchestrator.control import NothingToCancelError
 
     run_dir = _submit(tmp_path / "home")
     runs.update_run(run_dir, lambda r: setattr(r, "state", runs.COMPLETED))
     with pytest.raises(NothingToCancelError, match="already completed"):
-        submit.cancel(run_dir)
+        control.cancel(run_dir)
     assert fake.count("scancel") == 0
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from fakes import FakeSlurm
 
-from orchestrator import runs, submit
+from orchestrator import control, runs, submit
 from orchestrator.watch import resume, watch, watch_once
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_preemptions_are_requeued_without_limit_by_default(fake: FakeSlurm, tmp_
 def test_a_cancelled_run_never_comes_back(fake: FakeSlurm, tmp_path: Path) -> None:
     run_dir = _submit(tmp_path)
     _start(run_dir, "100")
-    submit.cancel(run_dir)
+    control.cancel(run_dir)
     watch_once([run_dir], lambda _: None)
     rec = runs.read_run(run_dir)
     assert rec.state == runs.CANCELLED
