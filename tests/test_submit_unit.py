@@ -178,3 +178,12 @@ def test_a_value_slurm_cannot_take_creates_no_run(fake: FakeSlurm, tmp_path: Pat
         submit.submit(TINY_SLURM, ['cluster.account="a\\tb"'], home=str(tmp_path / "home"), echo=print)
     assert not any((tmp_path / "home").glob("*/run.json"))
     assert fake.calls == []
+
+
+def test_the_fake_slurm_refuses_commands_it_does_not_know(fake: FakeSlurm) -> None:
+    import subprocess
+
+    from fakes import UnknownCommandError
+
+    with pytest.raises(UnknownCommandError, match="scontrol"):
+        subprocess.run(["scontrol", "requeue", "1"], check=False)
