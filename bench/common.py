@@ -160,6 +160,13 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3e}"
 
 
+def _is_plain(value: object) -> bool:
+    """A scalar, or a flat list of scalars: worth a place in the markdown settings line."""
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, (str, int, float, bool)) for v in value)
+    return isinstance(value, (str, int, float, bool))
+
+
 def markdown_table(results: Sequence[Result]) -> str:
     """The records as a GitHub markdown table (also what the scripts print)."""
     lines = ["| name | ours | baseline | unit | ratio | note |", "|---|---:|---:|---|---:|---|"]
@@ -201,7 +208,7 @@ def write_results(
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB; "
         f"torch {machine['torch']}, deepspeed {machine['deepspeed']}.",
     ]
-    scalars = {k: v for k, v in (meta or {}).items() if isinstance(v, (str, int, float, bool, list, tuple))}
+    scalars = {k: v for k, v in (meta or {}).items() if _is_plain(v)}
     if scalars:
         md.append("")
         md.append("Settings: " + ", ".join(f"{k}={v}" for k, v in scalars.items()))
