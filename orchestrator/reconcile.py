@@ -207,7 +207,7 @@ def apply_scheduler(rec: RunRecord, snap: Snapshot, now: float) -> None:
             att.stop_reason = stop_reason_for(final_state) or "failed"
             if acct is not None and acct.state in ("NODE_FAIL", "PREEMPTED", "REQUEUED"):
                 att.requeued = q is not None and q.alive
-            if att.stop_reason != "completed" and not att.error:
+            if att.stop_reason not in ("completed", "cancelled") and not att.error:
                 att.error = f"SLURM state {final_state} without an exit event from the worker"
             continue
         seen = att.last_seen_alive or att.submitted or now
