@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,19 +38,27 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def launch(
-    run_dir: Path, args: Sequence[str], *, fault: str | None = None, timeout: int = 300
-) -> subprocess.CompletedProcess[str]:
-    """`torchrun --nproc_per_node 2 -m worker <args> ` with the CPU environment."""
+def cpu_env(fault: str | None = None) -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("MOE_ORCH_FAULT", None)
     if fault:
         env["MOE_ORCH_FAULT"] = fault
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(_free_port()), "-m", "worker", *args,
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def torchrun(args: Sequence[str]) -> list[str]:
+    port = str(_free_port())
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+            "-m", "worker", *args]
+
+
+def launch(
+    run_dir: Path, args: Sequence[str], *, fault: str | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess[str]:
+    """`torchrun --nproc_per_node 2 -m worker <args> ` with the CPU environment."""
+    proc = subprocess.run(
+        torchrun(args), env=cpu_env(fault), cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
     (run_dir.parent / f"{run_dir.name}.log").write_text(proc.stdout + proc.stderr)
     return proc
 
@@ -166,6 +176,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_valid_one_with_a
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    run_dir.mkdir()
+    (run_dir / "SAVE_NOW").touch()  # asks for a save at the first step boundary
     proc = config_launch(run_dir, [f"training.max_steps={LEARN_STEPS}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
@@ -214,7 +226,7 @@ def test_metrics_progress_events_and_tensorboard_have_their_fields(tiny_run: Pat
     assert start["world_size"] == 2 and start["resumed_from"] is None and start["steps_redone"] == 0
     assert start["attempt_key"] == progress["attempt_key"]
     saves = events(tiny_run, "checkpoint")
-    assert [e["step"] for e in saves] == list(range(50, LEARN_STEPS + 1, 50))
+    assert [e["step"] for e in saves] == [1, *range(50, LEARN_STEPS + 1, 50)]
     assert all(e["bytes"] > 0 and e["save_s"] > 0 for e in saves)
     exit_event = events(tiny_run, "exit")[0]
     assert (exit_event["reason"], exit_event["step"], exit_event["requeued"], exit_event["error"]) == (
@@ -262,6 +274,45 @@ def test_the_seed_flags_train_exactly_like_the_equivalent_yaml(tmp_path: Path) -
     assert len(seed_losses) == 5  # 46 training examples / (4 x 2 ranks) = 5 steps
     assert seed_losses == losses(yaml_dir)
     assert (seed_dir / "run.yaml").is_file()  # a seed-style run records its resolved config
+
+
+@pytest.mark.slow
+def test_a_save_now_file_saves_at_the_next_step_and_is_removed(tiny_run: Path) -> None:
+    assert events(tiny_run, "checkpoint")[0]["step"] == 1
+    assert not (tiny_run / "SAVE_NOW").exists()
+    # The extra save changed nothing: the losses still follow the reference (other test).
+
+
+@pytest.mark.slow
+def test_usr2_on_one_rank_makes_all_ranks_save_together_and_exit_75(tmp_path: Path) -> None:
+    run_dir = tmp_path / "signalled"
+    cmd = torchrun(["--config", str(TINY), "--run-dir", str(run_dir), "--set", "training.max_steps=100000"])
+    launcher = subprocess.Popen(
+        cmd, env=cpu_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not events(run_dir, "first_step"):
+            assert launcher.poll() is None and time.monotonic() < deadline, "the run never reached a step"
+            time.sleep(0.5)
+        children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True)
+        ranks = children.stdout.split()
+        assert len(ranks) == 2
+        os.kill(int(ranks[-1]), signal.SIGUSR2)  # one rank only: the all-reduce tells the other
+        output, _ = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert "exitcode  : 75" in output  # torchrun's failure report: every rank left with 75
+    (stop,) = events(run_dir, "signal")
+    assert stop["signal"] == "USR2"
+    assert events(run_dir, "checkpoint")[-1]["step"] == stop["step"]
+    exit_event = events(run_dir, "exit")[-1]
+    assert exit_event["reason"] == "preempted" and exit_event["requeued"] is False
+    assert exit_event["step"] == stop["step"]
+    assert ckpt.latest_valid_checkpoint(run_dir) == run_dir / "checkpoints" / ckpt.tag_for_step(stop["step"])
+    assert json.loads((run_dir / "progress.json").read_text())["step"] == stop["step"]
 
 
 @pytest.mark.slow
