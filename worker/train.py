@@ -330,6 +330,8 @@ class Trainer:
         self._log_eval()
         if last_saved != self.step:
             self.save()
+        if self.info.is_main:
+            clear_save_now(self.run_dir)  # a request at the last step was served by the final save
         self.reporter.event("exit", reason="completed", step=self.step, requeued=False, error=None)
         return EXIT_COMPLETED
 
