@@ -13,12 +13,15 @@ A save (`save_checkpoint`, every rank calls it):
    to `keep_checkpoints` (never the newest valid one) and removes stale `.partial-*` folders;
 3. barrier: when it returns, the checkpoint is durable on every rank's view.
 
-A checkpoint is valid only when its manifest verifies (`verify_checkpoint`). Resume and export
-use `latest_valid_checkpoint`, which skips (and warns about) incomplete or damaged ones.
+A checkpoint is valid only when its manifest verifies (`verify_checkpoint`). Export and the
+orchestrator use `latest_valid_checkpoint`, which skips (and warns about) incomplete or damaged
+ones; the training ranks use `select_resume_checkpoint`, the same choice with the hashing split
+over the ranks.
 
 NOTE: all ranks share the run directory (a shared filesystem, as in every SLURM training setup).
 The file-level functions here do not import torch, so the orchestrator can call them on the
-login node; only `save_checkpoint`/`load_checkpoint` touch DeepSpeed.
+login node; only `save_checkpoint`, `select_resume_checkpoint` and `load_checkpoint` import torch
+(inside the function).
 """
 
 from __future__ import annotations
@@ -338,6 +341,32 @@ def save_checkpoint(
     _barrier()
     elapsed = time.perf_counter() - started
     return SaveResult(tag=tag, path=root / tag, save_s=elapsed, bytes=total)
+
+
+def select_resume_checkpoint(run_dir: str | Path, rank: int, world_size: int) -> Path | None:
+    """The newest checkpoint whose manifest verifies (sha256 of every file), all ranks agreeing.
+
+    Every rank calls it. Rank 0 lists the candidates (one view of a shared filesystem); every rank
+    hashes a share of each candidate's files, newest first, and the ranks all-reduce the verdict.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if world_size == 1 or not dist.is_initialized():
+        return latest_valid_checkpoint(run_dir)
+    listing: list[Any] = [[str(i.path) for i in list_checkpoints(run_dir)] if rank == 0 else None]
+    dist.broadcast_object_list(listing, src=0)
+    for path in reversed([Path(p) for p in listing[0]]):
+        ok = verify_checkpoint(path, rank=rank, world_size=world_size)
+        verdict = torch.tensor([1 if ok else 0], dtype=torch.long)
+        dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
+        if int(verdict):
+            return path
+        if rank == 0:
+            logger.warning(
+                "checkpoint %s is incomplete or damaged (manifest does not verify); skipping it", path
+            )
+    return None
 
 
 def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:

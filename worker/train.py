@@ -400,32 +400,6 @@ def _barrier_fn(info: DistInfo) -> Callable[[], None]:
     return barrier
 
 
-def _choose_resume(run_dir: Path, info: DistInfo) -> Path | None:
-    """The newest checkpoint whose manifest verifies (sha256 of every file), all ranks agreeing.
-
-    Rank 0 lists the candidates (one view of a shared filesystem); every rank hashes a share of
-    each candidate's files, newest first, and the ranks all-reduce the verdict (MIN).
-    """
-    import torch
-    import torch.distributed as dist
-
-    if info.world_size == 1:
-        return ckpt.latest_valid_checkpoint(run_dir)
-    listing: list[Any] = [[str(i.path) for i in ckpt.list_checkpoints(run_dir)] if info.is_main else None]
-    dist.broadcast_object_list(listing, src=0)
-    for path in reversed([Path(p) for p in listing[0]]):
-        ok = ckpt.verify_checkpoint(path, rank=info.rank, world_size=info.world_size)
-        verdict = torch.tensor([1 if ok else 0], dtype=torch.long)
-        dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
-        if int(verdict):
-            return path
-        if info.is_main:
-            logger.warning(
-                "checkpoint %s is incomplete or damaged (manifest does not verify); skipping it", path
-            )
-    return None
-
-
 def _setup(cfg: RunConfig, run_dir: Path, info: DistInfo, signals: SignalState, faults: Faults) -> Trainer:
     import deepspeed
     import torch
@@ -480,7 +454,7 @@ def _setup(cfg: RunConfig, run_dir: Path, info: DistInfo, signals: SignalState, 
 
 def _resume(trainer: Trainer) -> tuple[str | None, int]:
     """Load the newest valid checkpoint, if any; returns (tag, step)."""
-    path = _choose_resume(trainer.run_dir, trainer.info)
+    path = ckpt.select_resume_checkpoint(trainer.run_dir, trainer.info.rank, trainer.info.world_size)
     if path is None:
         return None, 0
     state = ckpt.load_checkpoint(trainer.engine, path)
