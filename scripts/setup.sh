@@ -22,6 +22,5 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install "torch==2.13.0"
 # NOTE: deepspeed ships an sdist; without build isolation it sees the torch above and compiles nothing.
 "${pip[@]}" install --no-build-isolation "deepspeed==0.19.8"
-"${pip[@]}" install hatchling
-"${pip[@]}" install --no-build-isolation -e "$root[worker,dev]"
+"${pip[@]}" install -e "$root[worker,dev]"
 echo "$want" > "$stamp"
