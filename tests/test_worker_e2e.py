@@ -178,9 +178,17 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
     run_dir.mkdir()
     (run_dir / "SAVE_NOW").touch()  # asks for a save at the first step boundary
-    proc = config_launch(run_dir, [f"training.max_steps={LEARN_STEPS}"])
+    proc = config_launch(run_dir, [f"training.max_steps={LEARN_STEPS}", "training.export_on_finish=true"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
+
+
+@pytest.mark.slow
+def test_export_on_finish_writes_a_hugging_face_folder_with_every_expert(tiny_run: Path) -> None:
+    config = json.loads((tiny_run / "export" / "config.json").read_text())
+    assert config["model_type"] == "mpt_moe" and config["num_experts"] == 4
+    assert (tiny_run / "export" / "model.safetensors").is_file()
+    assert (tiny_run / "run.yaml").is_file()  # written by rank 0 even when --config points elsewhere
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ schema defaults, with:
 - NOTE: MoE only with `--convert_to_moe`, as in the seed, whose default trained the dense model
   (`moe.enabled: false`). `--convert_to_moe` upcycles into the schema's default MoE (4 experts,
   top-1, ep_size 1).
-A seed-style run writes its resolved config to `<run_dir>/run.yaml` (when absent) so a resume or
+Rank 0 writes the resolved config to `<run_dir>/run.yaml` (when absent) so a resume or
 `moe-orch export` sees the same settings.
 """
 
@@ -189,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MoeOrchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if rank == 0 and not args.config:
+    if rank == 0:
+        # The resolved config beside the checkpoints: resume and export read it.
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / "run.yaml").exists():
             (run_dir / "run.yaml").write_text(dump_config(cfg))

@@ -332,6 +332,13 @@ class Trainer:
             self.save()
         if self.info.is_main:
             clear_save_now(self.run_dir)  # a request at the last step was served by the final save
+            if t.export_on_finish:
+                # NOTE: offline from the final checkpoint's files (every expert file is there),
+                # so the other ranks need not wait for it.
+                from worker.export import export_run
+
+                out = export_run(self.run_dir)
+                logger.info("exported a Hugging Face folder to %s", out)
         self.reporter.event("exit", reason="completed", step=self.step, requeued=False, error=None)
         return EXIT_COMPLETED
 
