@@ -170,6 +170,9 @@ def _setup_logging(rank: int) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # NOTE: submitit logs through its own handler already (the job runs us in-process); letting
+    # its records reach ours too printed every submitit line twice.
+    logging.getLogger("submitit").propagate = False
 
 
 def _rank_from_env() -> int:
