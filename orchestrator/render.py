@@ -141,7 +141,7 @@ def sbatch_options(cfg: RunConfig, run_dir: Path) -> list[tuple[str, str]]:
 
 
 def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
-    """The DeepSpeed config dict (ds_config.json); equal to `worker.train.deepspeed_config` (tested).
+    """The DeepSpeed config dict: rendered as ds_config.json, and what the worker passes to DeepSpeed.
 
     `train_batch_size` must equal micro × accumulation × data-parallel size: DeepSpeed asserts it.
     """

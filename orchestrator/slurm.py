@@ -22,7 +22,8 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from orchestrator.errors import SchedulerError
+from orchestrator import nodelist as nodelist_mod
+from orchestrator.errors import ConfigError, SchedulerError
 
 logger = logging.getLogger(__name__)
 
@@ -197,20 +198,11 @@ def expand_nodelist(nodelist: str) -> list[str]:
     text = nodelist.strip()
     if not text or text.startswith("None") or text in ("(null)", "N/A"):
         return []
-    names: list[str] = []
-    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]*)\])?", text):
-        prefix, ranges = match.group(1), match.group(2)
-        if ranges is None:
-            names.append(prefix)
-            continue
-        for part in ranges.split(","):
-            if "-" in part:
-                lo, hi = part.split("-", 1)
-                width = len(lo)
-                names.extend(f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi) + 1))
-            else:
-                names.append(f"{prefix}{part}")
-    return [n for n in names if n]
+    try:
+        return nodelist_mod.expand_nodelist(text)
+    except ConfigError:
+        logger.warning("unreadable node list from SLURM: %r", nodelist)
+        return []
 
 
 # --- the calls ------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.nodelist import expand_nodelist
+
 logger = logging.getLogger(__name__)
 
 PORT_BASE = 20000
@@ -59,52 +61,6 @@ class DistInfo:
     def attempt_key(self) -> str:
         """`<job_id>.<SLURM_RESTART_COUNT or 0>`: one key per attempt of a run (docs/design.md)."""
         return f"{self.job_id}.{self.restart_count}"
-
-
-def _expand_group(prefix: str, ranges: str, suffix: str) -> list[str]:
-    out: list[str] = []
-    for part in ranges.split(","):
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            width = len(lo)
-            out.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1))
-        else:
-            out.append(f"{prefix}{part}{suffix}")
-    return out
-
-
-def _split_top_level(nodelist: str) -> list[str]:
-    """Split on commas that are not inside brackets: `a[1-2],b` -> [`a[1-2]`, `b`]."""
-    items, depth, cur = [], 0, ""
-    for ch in nodelist:
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-        if ch == "," and depth == 0:
-            items.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    items.append(cur)
-    return [item.strip() for item in items if item.strip()]
-
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """SLURM's compact host list as host names: `gpu-[01-02,07],cpu1` -> gpu-01 gpu-02 gpu-07 cpu1."""
-    hosts: list[str] = []
-    for item in _split_top_level(nodelist):
-        pending = [item]
-        while pending:
-            name = pending.pop(0)
-            match = re.search(r"\[([^\]]*)\]", name)
-            if match is None:
-                hosts.append(name)
-                continue
-            # Expand the first bracket group; later groups (rack[1-2]-n[1-2]) expand in later passes.
-            expanded = _expand_group(name[: match.start()], match.group(1), name[match.end() :])
-            pending = expanded + pending
-    return hosts
 
 
 def first_host(nodelist: str) -> str:

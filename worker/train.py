@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import RunConfig
 from orchestrator.errors import ConfigError, ConfigIssue
+from orchestrator.render import deepspeed_config  # one definition: ds_config.json and the engine
 from worker import checkpoint as ckpt
 from worker.dist import DistInfo, init_distributed, resolve_dist
 from worker.metrics import Reporter, RoutingStats, read_progress
@@ -55,24 +56,6 @@ TOKENIZER_DIR = "tokenizer"
 
 class ExitWithoutProgress(SystemExit):
     """`MOE_ORCH_FAULT=exit_without_progress`: leave with code 1, no exit event."""
-
-
-def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
-    """The DeepSpeed config of a run (the orchestrator renders ds_config.json from the same dict)."""
-    t = cfg.training
-    return {
-        "train_batch_size": cfg.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "gradient_clipping": t.max_grad_norm,
-        "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16"},
-        # NOTE: torch AdamW, not DeepSpeed's C++ optimizers (a 75-85 s JIT build on CPU).
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
 
 
 def lr_multiplier(step: int, *, warmup: int, total: int, schedule: str) -> float:
