@@ -199,8 +199,14 @@ def stop_reason_from_env(env: Mapping[str, str], job_id: str, slurm_job: bool, s
     )
 
 
+ALREADY_REQUEUED = "pending execution"
+"""scontrol's answer when the job is already back in the queue (`scontrol requeue` by an admin,
+or a preemption, sent the SIGTERM that stopped us): SLURM restarts it, as if we had requeued it."""
+
+
 def requeue_slurm_job(job_id: str) -> bool:
-    """`scontrol requeue <job_id>`; False (with a warning) when it fails (e.g. already requeued)."""
+    """`scontrol requeue <job_id>`; False (with a warning) when it fails. True also when SLURM
+    already requeued the job (`Job is pending execution`)."""
     try:
         out = subprocess.run(
             ["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60, check=False
@@ -209,7 +215,11 @@ def requeue_slurm_job(job_id: str) -> bool:
         logger.warning("scontrol requeue %s failed: %s", job_id, exc)
         return False
     if out.returncode != 0:
-        logger.warning("scontrol requeue %s failed: %s", job_id, (out.stderr or out.stdout).strip())
+        message = (out.stderr or out.stdout).strip()
+        if ALREADY_REQUEUED in message:
+            logger.info("SLURM job %s is already requeued (%s)", job_id, message)
+            return True
+        logger.warning("scontrol requeue %s failed: %s", job_id, message)
         return False
     logger.info("requeued SLURM job %s", job_id)
     return True
