@@ -180,6 +180,10 @@ def apply_scheduler(rec: RunRecord, snap: Snapshot, now: float) -> None:
         if att.state == "ended":
             if q is not None and not q.alive and latest_of_job and acct is None:
                 att.slurm_state = q.state  # finished, sacct not there yet
+            if acct is not None and acct.state == "REQUEUED" and not att.requeued:
+                # SLURM requeued the job itself (`scontrol requeue`, preemption): the worker's
+                # exit event may say it could not requeue; the job comes back all the same.
+                att.requeued = True
             continue
         if q is not None and q.alive and latest_of_job:
             att.last_seen_alive = now
