@@ -1,0 +1,209 @@
+"""Helpers for tests on the localhost SLURM cluster (tools/slurm-local): the CLI, run files, waits.
+
+Every wait polls with a deadline and fails with what it last saw, never sleeps blindly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+REPO = Path(__file__).resolve().parents[1]
+NODE_SH = REPO / "tools" / "slurm-local" / "node.sh"
+FINAL = ("completed", "failed", "cancelled")
+
+T = TypeVar("T")
+
+
+def cluster_up() -> bool:
+    """Whether the localhost SLURM answers (`scontrol ping` says UP)."""
+    if shutil.which("scontrol") is None or not os.environ.get("SLURM_CONF"):
+        return False
+    try:
+        res = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return res.returncode == 0 and "UP" in res.stdout
+
+
+def moe_orch(*args: str, home: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a user would (a subprocess), with the runs under `home`."""
+    env = dict(os.environ, MOE_ORCH_HOME=str(home), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def submit(home: Path, *sets: str) -> tuple[str, Path]:
+    """`moe-orch submit configs/tiny-slurm.yaml --set ...` (no --wait); returns (run id, run dir)."""
+    args = ["submit", "configs/tiny-slurm.yaml"]
+    for s in sets:
+        args += ["--set", s]
+    res = moe_orch(*args, home=home)
+    assert res.returncode == 0, res.stdout + res.stderr
+    run_id = res.stdout.splitlines()[0].strip()
+    return run_id, home / run_id
+
+
+def status_json(run_id: str, home: Path) -> dict[str, Any]:
+    """`moe-orch status RUN --json` (which also reconciles run.json)."""
+    res = moe_orch("status", run_id, "--json", home=home)
+    assert res.returncode == 0, res.stdout + res.stderr
+    data: dict[str, Any] = json.loads(res.stdout)
+    return data
+
+
+def run_json(run_dir: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((run_dir / "run.json").read_text())
+    return data
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.5) -> T:
+    """Call `probe` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.time() + timeout
+    last: T | None = None
+    while time.time() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def events(run_dir: Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """events.jsonl (a torn last line is skipped), optionally only one kind."""
+    try:
+        text = (run_dir / "events.jsonl").read_text()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            ev = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if kind is None or ev.get("event") == kind:
+            out.append(ev)
+    return out
+
+
+def progress_step(run_dir: Path) -> int:
+    try:
+        return int(json.loads((run_dir / "progress.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def wait_step(run_dir: Path, step: int, timeout: float = 120) -> int:
+    """Wait until the worker reported optimizer step >= `step` (progress.json)."""
+    wait_for(f"step {step} in {run_dir.name}", lambda: progress_step(run_dir) >= step, timeout)
+    return progress_step(run_dir)
+
+
+def wait_final(run_id: str, home: Path, timeout: float = 240, interval: float = 2) -> dict[str, Any]:
+    """Poll `status --json` until the run is completed, failed or cancelled."""
+
+    def probe() -> dict[str, Any] | None:
+        rec = status_json(run_id, home)
+        return rec if rec["state"] in FINAL else None
+
+    return wait_for(f"{run_id} to end", probe, timeout, interval)
+
+
+def watch_until_final(run_id: str, home: Path, timeout: float = 300) -> tuple[dict[str, Any], str]:
+    """`moe-orch watch RUN --interval 2` (it exits when the run is final); its output too."""
+    res = moe_orch("watch", run_id, "--interval", "2", home=home, timeout=timeout)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return status_json(run_id, home), res.stdout
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every training line of metrics.jsonl, in file order (eval lines skipped)."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out.append((int(rec["step"]), float(rec["loss"])))
+    return out
+
+
+def checkpoint_tensors(ckpt: Path) -> dict[str, Any]:
+    """Every weight tensor of a checkpoint: the non-expert module and each expert file (torch)."""
+    import torch
+
+    tensors: dict[str, Any] = {}
+    for path in sorted(ckpt.glob("*model_states.pt")):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        # mp_rank_00_model_states.pt: {"module": non-expert weights, ...}; expert files: the weights
+        for key, value in (state["module"] if "module" in state else state).items():
+            tensors[f"{path.name}:{key}"] = value
+    assert tensors, f"no model states in {ckpt}"
+    return tensors
+
+
+def scontrol(*args: str) -> str:
+    res = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 0, f"scontrol {' '.join(args)}: {res.stderr}"
+    return res.stdout
+
+
+def job_field(job_id: str, field: str) -> str | None:
+    """One `Key=Value` of `scontrol show job` (None once the job is gone)."""
+    res = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=False)
+    for token in res.stdout.split():
+        key, _, value = token.partition("=")
+        if key == field:
+            return value
+    return None
+
+
+def sacct_rows(job_id: str) -> list[dict[str, str]]:
+    """`sacct -D -X` rows of a job (one per run of a requeued job), oldest first."""
+    fields = ["JobIDRaw", "State", "ExitCode", "Start", "End", "NodeList", "Partition"]
+    res = subprocess.run(
+        ["sacct", "-D", "-X", "-P", "-n", "-j", job_id, f"--format={','.join(fields)}"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    return [dict(zip(fields, ln.split("|"), strict=True)) for ln in res.stdout.splitlines() if ln.strip()]
+
+
+def slurm_epoch(text: str) -> float:
+    return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+
+
+def rank_pid(job_id: str, rank: int) -> int | None:
+    """The pid of the python process running global rank `rank` of SLURM job `job_id`."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"submitit.core._submit" not in cmdline:
+                continue
+            env = dict(
+                item.split(b"=", 1) for item in (entry / "environ").read_bytes().split(b"\0") if b"=" in item
+            )
+        except OSError:
+            continue
+        if env.get(b"SLURM_JOB_ID") == job_id.encode() and env.get(b"SLURM_PROCID") == str(rank).encode():
+            return int(entry.name)
+    return None
+
+
+def node_sh(action: str, node: str) -> None:
+    subprocess.run(["bash", str(NODE_SH), action, node], check=True, capture_output=True, timeout=120)
+
+
+def node_state(node: str) -> str:
+    res = subprocess.run(
+        ["sinfo", "-h", "-N", "-n", node, "-o", "%T"], capture_output=True, text=True, check=False
+    )
+    return res.stdout.strip().splitlines()[0] if res.stdout.strip() else ""
