@@ -8,10 +8,15 @@ parameter counts and the ZeRO model-state memory per GPU. `summary_rows` turns i
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from orchestrator.config import RunConfig
 from orchestrator.configfile import load_config
@@ -105,6 +110,110 @@ WARNING_CHECKS: list[WarningCheck] = [
 save time) and `validate`, `submit` and the CLI show it."""
 
 
+# --- signal lead time against measured checkpoint saves ------------------------------------------
+
+SAVE_MARGIN = 2.0
+"""`cluster.signal_delay_s` should be at least this many times the longest measured save."""
+
+
+@dataclass(frozen=True)
+class MeasuredSave:
+    """The longest checkpoint save seen in earlier runs (events.jsonl `checkpoint` events)."""
+
+    save_s: float
+    tag: str
+    run_dir: Path
+    saves: int  # how many saves were looked at
+
+
+def layout_key(model: Any, moe: Any) -> tuple[Any, ...]:
+    """What makes two runs' checkpoints alike: the model and the MoE layout (plain dicts, as in a
+    run.yaml, so other runs' files need no validation)."""
+    model = model if isinstance(model, dict) else {}
+    moe = moe if isinstance(moe, dict) else {}
+    tiny = json.dumps(model.get("tiny"), sort_keys=True) if model.get("name_or_path") == "tiny" else None
+    fields = ("enabled", "num_experts", "ep_size", "layers", "implementation")
+    return (model.get("name_or_path"), model.get("revision"), tiny, *(json.dumps(moe.get(f)) for f in fields))
+
+
+def _cfg_layout(cfg: RunConfig) -> tuple[Any, ...]:
+    data = cfg.model_dump(mode="json")
+    return layout_key(data.get("model"), data.get("moe"))
+
+
+def runs_with_layout(cfg: RunConfig, home: Path) -> list[Path]:
+    """Run directories under `home` that saved checkpoints for the same model and MoE layout."""
+    found: list[Path] = []
+    if not home.is_dir():
+        return found
+    for run_dir in sorted(home.iterdir()):
+        if not (run_dir / "events.jsonl").is_file():
+            continue
+        try:
+            data = yaml.safe_load((run_dir / "run.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict) and layout_key(data.get("model"), data.get("moe")) == _cfg_layout(cfg):
+            found.append(run_dir)
+    return found
+
+
+def measured_save(run_dirs: Iterable[Path]) -> MeasuredSave | None:
+    """The longest `save_s` of the `checkpoint` events of `run_dirs` (None when there is none)."""
+    best: MeasuredSave | None = None
+    count = 0
+    for run_dir in run_dirs:
+        try:
+            lines = (run_dir / "events.jsonl").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line
+            if not isinstance(ev, dict) or ev.get("event") != "checkpoint":
+                continue
+            save_s = ev.get("save_s")
+            if not isinstance(save_s, (int, float)):
+                continue
+            count += 1
+            if best is None or save_s > best.save_s:
+                best = MeasuredSave(float(save_s), str(ev.get("tag")), run_dir, 0)
+    if best is None:
+        return None
+    return MeasuredSave(best.save_s, best.tag, best.run_dir, count)
+
+
+def signal_vs_save_check(run_dirs: Sequence[Path]) -> WarningCheck:
+    """A warning check: `signal_delay_s` against the saves measured in `run_dirs`."""
+
+    def check(cfg: RunConfig) -> list[str]:
+        measured = measured_save(run_dirs)
+        delay = cfg.cluster.signal_delay_s
+        if measured is None or delay >= SAVE_MARGIN * measured.save_s:
+            return []
+        need = math.ceil(SAVE_MARGIN * measured.save_s)
+        return [
+            f"cluster.signal_delay_s {delay} is less than twice the longest measured checkpoint save "
+            f"({measured.save_s:.1f} s, {measured.tag} of run {measured.run_dir.name}, {measured.saves} "
+            f"save(s) looked at): a stop signal may not leave time to save; set cluster.signal_delay_s "
+            f">= {need}"
+        ]
+
+    return check
+
+
+def history_runs(cfg: RunConfig, *, home: Path | None = None, run_dir: Path | None = None) -> list[Path]:
+    """Where to look for measured saves: the run `run_dir`, else runs under `home` with the same
+    model and MoE layout as `cfg`."""
+    if run_dir is not None:
+        return [run_dir]
+    if home is not None:
+        return runs_with_layout(cfg, home)
+    return []
+
+
 def collect_warnings(cfg: RunConfig, checks: Iterable[WarningCheck] = ()) -> list[str]:
     """Every warning for `cfg`: the registered checks, then `checks`."""
     out: list[str] = []
@@ -155,9 +264,10 @@ def summarize(cfg: RunConfig, warnings: list[str] | None = None) -> Summary:
     )
 
 
-def validate(cfg: RunConfig, *, check_data: bool = True) -> Summary:
+def validate(cfg: RunConfig, *, check_data: bool = True, history: Sequence[Path] = ()) -> Summary:
     """Check what the schema cannot (data files, sbatch values) and summarise the run.
 
+    `history`: run directories whose measured checkpoint saves `signal_delay_s` is checked against.
     Raises ConfigError / DataFileError with every issue located (field path, file:line).
     """
     if cfg.cluster.executor == "slurm":
@@ -165,13 +275,22 @@ def validate(cfg: RunConfig, *, check_data: bool = True) -> Summary:
         sbatch_options(cfg, Path("/run-dir"))
     if check_data:
         check_files(cfg)
-    return summarize(cfg, collect_warnings(cfg))
+    extra = [signal_vs_save_check(history)] if history else []
+    return summarize(cfg, collect_warnings(cfg, extra))
 
 
-def validate_file(spec: str | Path, overrides: Iterable[str] = (), *, check_data: bool = True) -> Summary:
-    """`moe-orch validate CONFIG --set ...`: load (a path or a shipped config's name) and validate."""
+def validate_file(
+    spec: str | Path,
+    overrides: Iterable[str] = (),
+    *,
+    check_data: bool = True,
+    home: Path | None = None,
+    run_dir: Path | None = None,
+) -> Summary:
+    """`moe-orch validate CONFIG --set ... [--home DIR | --run RUN]`: load (a path or a shipped
+    config's name) and validate; with `home`/`run_dir`, also against measured save times."""
     cfg = load_config(spec, list(overrides))
-    return validate(cfg, check_data=check_data)
+    return validate(cfg, check_data=check_data, history=history_runs(cfg, home=home, run_dir=run_dir))
 
 
 # --- plain-text rendering -------------------------------------------------------------------------
