@@ -114,11 +114,37 @@ def _root() -> None:
 
 
 @app.command()
-def validate(config: ConfigArg, set_: SetOption = None) -> None:
+def validate(
+    config: ConfigArg,
+    set_: SetOption = None,
+    home: Annotated[
+        Path | None,
+        typer.Option(
+            "--home",
+            help="Check cluster.signal_delay_s against the checkpoint saves measured by the runs under "
+            "this folder that have the same model and MoE layout.",
+            show_default=False,
+        ),
+    ] = None,
+    run: Annotated[
+        str | None,
+        typer.Option(
+            "--run",
+            help="Check cluster.signal_delay_s against this run's measured checkpoint saves "
+            "(a run id under --home / $MOE_ORCH_HOME / ./runs, or its folder).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
     """Check a config (schema, cross-field rules, data files) and print the run's numbers."""
     from orchestrator.validate import summary_rows, validate_file
 
-    summary = _run_cli(lambda: validate_file(config, set_ or []))
+    run_dir = None
+    if run is not None:
+        from orchestrator.runs import find_run, runs_home
+
+        run_dir = _run_cli(lambda: find_run(runs_home(home), run))
+    summary = _run_cli(lambda: validate_file(config, set_ or [], home=home, run_dir=run_dir))
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
