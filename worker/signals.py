@@ -152,18 +152,55 @@ def parse_slurm_time(text: str) -> float | None:
         return None  # N/A, Unknown, NONE, empty
 
 
+def parse_slurm_duration(text: str) -> float | None:
+    """`squeue -o %l` time limit (`10:00` = 10 min, `1:00:00`, `2-00:00:00`, `30`) in seconds; None
+    for `UNLIMITED`, `NOT_SET`, `INVALID` or empty."""
+    text = text.strip()
+    days = 0
+    if "-" in text:
+        head, _, text = text.partition("-")
+        if not head.isdigit():
+            return None
+        days = int(head)
+    parts = text.split(":")
+    if not text or not all(p.isdigit() for p in parts) or len(parts) > 3:
+        return None
+    nums = [int(p) for p in parts]
+    if days and len(parts) == 1:
+        hours, minutes, seconds = nums[0], 0, 0  # D-HH
+    elif days and len(parts) == 2:
+        hours, minutes, seconds = nums[0], nums[1], 0  # D-HH:MM
+    elif len(parts) == 1:
+        hours, minutes, seconds = 0, nums[0], 0  # MM
+    elif len(parts) == 2:
+        hours, minutes, seconds = 0, nums[0], nums[1]  # MM:SS
+    else:
+        hours, minutes, seconds = nums
+    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+
+
 def slurm_end_time(job_id: str) -> float | None:
-    """The job's scheduled end (Unix seconds), or None when squeue cannot tell."""
+    """When the job's time limit ends (Unix seconds): its start plus its time limit; None when
+    squeue cannot tell.
+
+    NOTE: not squeue's end time (`%e`): when a job is preempted, SLURM moves that to now +
+    GraceTime, which would read as a time limit (seen on the localhost cluster: a partition
+    preemption reported as `timeout`).
+    """
     try:
         out = subprocess.run(
-            ["squeue", "-h", "-j", job_id, "-o", "%e"],
+            ["squeue", "-h", "-j", job_id, "-o", "%S|%l"],
             capture_output=True, text=True, timeout=20, check=False
         )
     except (OSError, subprocess.SubprocessError) as exc:
         logger.warning("squeue failed (%s); calling the stop a preemption", exc)
         return None
     lines = out.stdout.strip().splitlines()
-    return parse_slurm_time(lines[0]) if lines else None
+    if not lines:
+        return None
+    start_text, _, limit_text = lines[0].partition("|")
+    start, limit = parse_slurm_time(start_text), parse_slurm_duration(limit_text)
+    return start + limit if start is not None and limit is not None else None
 
 
 def stop_reason(
