@@ -1,5 +1,6 @@
-"""`validate --home/--run`: signal_delay_s against the checkpoint saves earlier runs measured; and
-the worker's reading of `scontrol requeue` answers (fast, no SLURM)."""
+"""Preemption pieces that need no cluster: `validate --home/--run` (signal_delay_s against the
+checkpoint saves earlier runs measured), and how the worker reads `scontrol requeue` answers and
+the job's time limit (a preemption must not read as a timeout)."""
 
 from __future__ import annotations
 
@@ -116,3 +117,30 @@ def test_the_worker_reads_scontrol_requeue_answers(
     monkeypatch.setattr(signals.subprocess, "run", fake_run)
     assert signals.requeue_slurm_job("46") is requeued
     assert calls == [["scontrol", "requeue", "46"]]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("10:00", 600.0), ("1:00:00", 3600.0), ("30", 1800.0), ("2-00:00:00", 172800.0),
+        ("1-02", 93600.0), ("1-02:03", 93780.0), ("UNLIMITED", None), ("NOT_SET", None), ("", None),
+    ],
+)  # fmt: skip
+def test_slurm_time_limits_parse_to_seconds(text: str, seconds: float | None) -> None:
+    assert signals.parse_slurm_duration(text) == seconds
+
+
+def test_the_time_limit_is_the_start_plus_the_limit_not_the_end_slurm_moves_on_preemption(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fake_run(args: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
+        assert args == ["squeue", "-h", "-j", "48", "-o", "%S|%l"], "not %e (now + GraceTime when preempted)"
+        return subprocess.CompletedProcess(args, 0, "2026-11-28T16:08:31|1:00:00\n", "")
+
+    monkeypatch.setattr(signals.subprocess, "run", fake_run)
+    start = signals.parse_slurm_time("2026-11-28T16:08:31")
+    assert start is not None
+    end = signals.slurm_end_time("48")
+    assert end == start + 3600
+    # A partition preemption 11 s into a 60-minute job is a preemption, not a time limit.
+    assert signals.stop_reason(end_time=end, signal_delay_s=60, now=start + 11) == "preempted"
