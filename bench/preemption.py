@@ -113,10 +113,30 @@ def sacct_text(job_id: str) -> str:
     return res.stdout
 
 
-def analyze(events: list[dict[str, Any]], sacct: str, signalled: float) -> dict[str, Any]:
+def watch_queue_state(job_id: str, timeout: float = 120.0) -> dict[str, float]:
+    """Poll `squeue` (every 0.1 s) from now on: Unix times the job first left RUNNING and first was
+    PENDING again (a requeue). sacct's End has 1 s resolution; this has about 0.1 s."""
+    seen: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and "pending_again" not in seen:
+        argv = ["squeue", "-h", "-j", job_id, "-o", "%T"]
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        now, state = time.time(), res.stdout.strip()
+        if state and state != "RUNNING":
+            seen.setdefault("left_running", now)
+        if state == "PENDING":
+            seen["pending_again"] = now
+        time.sleep(0.1)
+    return seen
+
+
+def analyze(
+    events: list[dict[str, Any]], sacct: str, signalled: float, queue: dict[str, float] | None = None
+) -> dict[str, Any]:
     """The preemption timeline from a run's events and its job's sacct rows (no cluster needed)."""
     from orchestrator.slurm import parse_sacct
 
+    queue = queue or {}
     starts = [e for e in events if e["event"] == "start"]
     firsts = [e for e in events if e["event"] == "first_step"]
     sig = next(e for e in events if e["event"] == "signal" and e["time"] >= signalled - 1)
@@ -139,7 +159,9 @@ def analyze(events: list[dict[str, Any]], sacct: str, signalled: float) -> dict[
         "worker_exit_s": exited["time"] - signalled,
         "exit_reason": exited["reason"],
         "requeued": exited.get("requeued"),
-        "job_exited_s": (requeued.end - signalled) if requeued and requeued.end else None,
+        "job_exited_sacct_s": (requeued.end - signalled) if requeued and requeued.end else None,
+        "job_left_running_s": (queue["left_running"] - signalled) if "left_running" in queue else None,
+        "job_pending_again_s": (queue["pending_again"] - signalled) if "pending_again" in queue else None,
         "slurm_state": requeued.state if requeued else None,
         "next_start_s": starts[1]["time"] - signalled,
         "next_first_step_s": firsts[1]["time"] - signalled,
@@ -182,13 +204,14 @@ def measure(keep: Path | None = None) -> dict[str, Any]:
             _wait(f"step {SIGNAL_AT_STEP}", lambda: _progress_step(run_dir) >= SIGNAL_AT_STEP, 300)
             signalled = time.time()
             subprocess.run(["scancel", "--signal=USR2", job], check=True)
+            queue = watch_queue_state(job)
 
             def second_first_step() -> bool:
                 return sum(1 for e in read_events(run_dir) if e["event"] == "first_step") >= 2
 
             _wait("attempt 2's first step", second_first_step, 300)
             # sacct's REQUEUED row is written when the job ended; it is there by now.
-            record = analyze(read_events(run_dir), sacct_text(job), signalled)
+            record = analyze(read_events(run_dir), sacct_text(job), signalled, queue)
         finally:
             _moe_orch(home, "cancel", run_id)
     record.update(run_id=run_id, job_id=job)
@@ -224,7 +247,8 @@ def sample_sacct(base: float) -> str:
 def smoke_record() -> dict[str, Any]:
     base = float(int(time.time()) - 2000)
     events = [dict(e, time=base + e["time"]) for e in SAMPLE_EVENTS]
-    return dict(analyze(events, sample_sacct(base), base + 1000.0), run_id="sample", job_id="7")
+    queue = {"left_running": base + 1000.6, "pending_again": base + 1000.7}
+    return dict(analyze(events, sample_sacct(base), base + 1000.0, queue), run_id="sample", job_id="7")
 
 
 def results_from_record(rec: dict[str, Any]) -> list[Result]:
@@ -239,10 +263,11 @@ def results_from_record(rec: dict[str, Any]) -> list[Result]:
             f"{s('signal_event_s'):.2f} s, stop save_s {s('stop_save_s'):.2f}, step {rec['stop_step']}",
         ),
         Result(
-            "preemption signal->job exited", ours=s("job_exited_s"), unit="s",
+            "preemption signal->job exited", ours=s("job_left_running_s"), unit="s",
             baseline=rec.get("worker_exit_s"),
-            note=f"sacct End of the {rec.get('slurm_state')} row (1 s resolution); baseline: the worker's "
-            f"exit event ({rec.get('exit_reason')}, requeued {rec.get('requeued')})",
+            note=f"squeue left RUNNING (0.1 s polls), PENDING again at {s('job_pending_again_s'):.2f} s, "
+            f"sacct End of the {rec.get('slurm_state')} row {s('job_exited_sacct_s'):.0f} s (whole seconds); "
+            f"baseline: the worker's exit event ({rec.get('exit_reason')}, requeued {rec.get('requeued')})",
         ),
         Result(
             "preemption signal->next first step", ours=s("next_first_step_s"), unit="s",

@@ -1,0 +1,133 @@
+"""Run every CPU benchmark, one after the other, and write one summary table.
+
+    python -m bench.run_all                       # all of them (about 10-15 minutes on 2 cores)
+    python -m bench.run_all --only cli-latency checkpoint
+    python -m bench.run_all --smoke               # each benchmark's --smoke mode (nothing written)
+
+Each benchmark runs as its own process (`python -m bench.<module>`), exactly as when run alone,
+so one crash or one leaked process group cannot spoil the others; each writes
+`bench/results/<date>-<name>.{json,md}` itself. This script then reads those JSON files back and
+writes `bench/results/<date>-summary.{json,md}`: every row of every benchmark, the machine, and
+per benchmark its exit status, wall time and result file. A benchmark that fails (or is skipped:
+the preemption benchmark needs the localhost SLURM, `source /tmp/slurm-local/env.sh`) is listed
+with its reason and the others still run. The GPU benchmark (`bench/gpu.sh`) runs elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import RESULTS_DIR, Result, markdown_table, write_results
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Bench:
+    name: str  # the results file's name: <date>-<name>.json
+    module: str  # python -m bench.<module>
+    needs_slurm: bool = False
+
+
+# In the issue's row order: CLI latency, training step, MoE layer, checkpoint, resume, preemption.
+BENCHES = (
+    Bench("cli-latency", "cli_latency"),
+    Bench("train-step", "train_step"),
+    Bench("moe-layer", "moe_layer"),
+    Bench("checkpoint", "checkpoint"),
+    Bench("resume", "resume"),
+    Bench("preemption", "preemption", needs_slurm=True),
+)
+NAMES = [b.name for b in BENCHES]
+
+
+def _today() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+
+
+def run_one(bench: Bench, smoke: bool, results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
+    """Run one benchmark process; returns its status record (and its rows when it wrote them)."""
+    from bench.preemption import cluster_up
+
+    if bench.needs_slurm and not cluster_up():
+        return {"status": "skipped", "reason": "localhost SLURM not up (source /tmp/slurm-local/env.sh)"}
+    argv = [sys.executable, "-m", f"bench.{bench.module}", *(["--smoke"] if smoke else [])]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), DS_ACCELERATOR="cpu")
+    started_at = time.time()
+    start = time.perf_counter()
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    sys.stdout.write(proc.stdout)
+    rec: dict[str, Any] = {"command": " ".join(argv[1:]), "wall_s": round(wall, 1), "rc": proc.returncode}
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-5:]
+        rec.update(status="failed", reason=" | ".join(tail))
+        return rec
+    rec["status"] = "ok"
+    if smoke:
+        return rec
+    path = results_dir / f"{_today()}-{bench.name}.json"
+    if not path.exists() or path.stat().st_mtime < started_at:
+        rec.update(status="failed", reason=f"{path.name} was not written")
+        return rec
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    rec["file"] = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+    rec["rows"] = doc["results"]
+    return rec
+
+
+def summarize(records: dict[str, dict[str, Any]]) -> list[Result]:
+    rows: list[Result] = []
+    for rec in records.values():
+        for row in rec.get("rows", []):
+            rows.append(Result(**row))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="each benchmark's --smoke mode; writes nothing")
+    parser.add_argument("--only", nargs="+", choices=NAMES, help="run only these")
+    parser.add_argument("--skip", nargs="+", choices=NAMES, default=[], help="do not run these")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    chosen = [b for b in BENCHES if (not args.only or b.name in args.only) and b.name not in args.skip]
+    records: dict[str, dict[str, Any]] = {}
+    for bench in chosen:
+        print(f"== {bench.name} ({'smoke' if args.smoke else 'full'})", flush=True)
+        records[bench.name] = run_one(bench, args.smoke)
+        rec = records[bench.name]
+        status = f"{rec['status']} {rec.get('wall_s', '')} s {rec.get('reason', '')}"
+        print(f"== {bench.name}: {status}", flush=True)
+    failed = [name for name, rec in records.items() if rec["status"] == "failed"]
+    if args.smoke:
+        return 1 if failed else 0
+    rows = summarize(records)
+    print(markdown_table(rows))
+    meta = {
+        "benchmarks": {name: {k: v for k, v in rec.items() if k != "rows"} for name, rec in records.items()},
+        "status": ", ".join(f"{name} {rec['status']}" for name, rec in records.items()),
+    }
+    print(f"wrote {write_results('summary', rows, meta)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
