@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU benchmark, prepared for one H200 machine with NO network, at most 8 minutes:
+# bf16 training of a ~0.9B-parameter MoE (8 experts, top-2, ep_size 1) with our dropless layer and
+# with the stock DeepSpeed MoE layer, against its dense parent: tokens/s and MFU (989 TFLOP/s).
+#
+#   bash bench/gpu_wheels.sh     # here, beforehand: bench/wheels/*.whl (deepspeed, submitit, ...)
+#   bash bench/gpu.sh            # there, from the repository root (the wheels travel with it)
+#   bash bench/gpu.sh --dry      # here: the same steps on CPU with a tiny shape (no install)
+#
+# Installs the wheels with --no-index --no-deps into a private folder (the image's packages are
+# left alone), checks the imports, runs `python -m bench.gpu_train` (each variant in its own process,
+# 150 s cap each), and copies bench/results/<date>-gpu-train.{json,md} to $OUT when it is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+DRY=0
+[ "${1:-}" = "--dry" ] && DRY=1
+
+if [ "$DRY" = 1 ]; then
+    PY=${PY:-.venv/bin/python}
+    export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu
+    exec "$PY" -m bench.gpu_train --dry
+fi
+
+PY=${PY:-python3}
+SITE=${SITE:-/tmp/moe-orch-site}
+shopt -s nullglob
+wheels=(bench/wheels/*.whl)
+if [ "${#wheels[@]}" -eq 0 ]; then
+    echo "error: no wheels in bench/wheels: run bash bench/gpu_wheels.sh on a machine with network first" >&2
+    echo "       (and carry bench/wheels to this machine)" >&2
+    exit 2
+fi
+echo "== $(date -u +%FT%TZ) installing ${#wheels[@]} wheels into $SITE"
+"$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" "${wheels[@]}"
+# NOTE: the repository root first (bench/, and the same orchestrator/worker as the wheel), then SITE.
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=8
+
+echo "== environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
+"$PY" - <<'EOF'
+import importlib.metadata as m
+import torch
+for name in ("torch", "transformers", "deepspeed", "pydantic", "submitit", "moe-orch"):
+    print(f"{name} {m.version(name)}")
+print("cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0))
+import deepspeed, deepspeed.moe.layer  # noqa: E401,F401
+import orchestrator.config, worker.model, worker.moe_dropless  # noqa: E401,F401
+print("imports ok")
+EOF
+
+echo "== $(date -u +%FT%TZ) training (dense, stock, dropless)"
+rc=0
+"$PY" -m bench.gpu_train --timeout 150 ${OUT:+--out "$OUT"} || rc=$?
+echo "== done in $(( $(date +%s) - START )) s (rc $rc)"
+exit $rc
