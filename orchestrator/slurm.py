@@ -242,19 +242,30 @@ def query(job_ids: Iterable[str]) -> Snapshot:
 
 
 def unhealthy_nodes(nodes: Iterable[str]) -> list[str]:
-    """Those of `nodes` that `sinfo` reports down, drained, failing or not responding."""
+    """Those of `nodes` that `sinfo` reports down, drained, failing or not responding, or that
+    carry a down/drain reason (`%E`).
+
+    NOTE: the reason matters: a node set DOWN while its dead slurmd still holds a job shows as
+    `completing` in `%T` (seen on the localhost cluster right after a node failure), but its
+    reason (`Not responding`, or the admin's) is set.
+    """
     wanted = list(nodes)
     if not wanted:
         return []
     try:
-        out = _run(["sinfo", "-h", "-N", "-n", ",".join(wanted), "-o", "%N|%T"])
-    except (OSError, subprocess.SubprocessError):
+        out = _run(["sinfo", "-h", "-N", "-n", ",".join(wanted), "-o", "%N|%T|%E"])
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("sinfo failed (%s); no node excluded", exc)
         return []
+    if out.returncode != 0:
+        logger.warning("sinfo failed (%s); no node excluded", out.stderr.strip() or out.returncode)
     bad: list[str] = []
     for line in out.stdout.splitlines():
-        name, _, state = line.partition("|")
+        name, _, rest = line.partition("|")
+        state, _, reason = rest.partition("|")
         state = state.strip().lower()
-        if any(word in state for word in ("down", "drain", "fail", "no_respond")) or state.endswith("*"):
+        flagged = reason.strip().lower() not in ("", "none")
+        if flagged or any(w in state for w in ("down", "drain", "fail", "no_respond")) or state.endswith("*"):
             if name.strip() not in bad:
                 bad.append(name.strip())
     return bad
