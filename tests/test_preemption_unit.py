@@ -144,3 +144,21 @@ def test_the_time_limit_is_the_start_plus_the_limit_not_the_end_slurm_moves_on_p
     assert end == start + 3600
     # A partition preemption 11 s into a 60-minute job is a preemption, not a time limit.
     assert signals.stop_reason(end_time=end, signal_delay_s=60, now=start + 11) == "preempted"
+
+
+def test_a_node_set_down_while_completing_its_dead_job_counts_as_unhealthy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from orchestrator import slurm
+
+    # sinfo right after `scontrol update State=DOWN` of a node whose slurmd died holding a job.
+    answer = (
+        "n1|completing|moe-orch-test-node-failure\nn2|idle|none\nn3|down*|Not responding\nn4|mixed|none\n"
+    )
+
+    def fake_run(args: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        assert args[:2] == ["sinfo", "-h"] and args[-1] == "%N|%T|%E"
+        return subprocess.CompletedProcess(args, 0, answer, "")
+
+    monkeypatch.setattr(slurm, "_run", fake_run)
+    assert slurm.unhealthy_nodes(["n1", "n2", "n3", "n4"]) == ["n1", "n3"]
