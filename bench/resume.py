@@ -114,6 +114,33 @@ def descendants(root: int) -> dict[int, tuple[int, float]]:
     return found
 
 
+def _alive(pid: int) -> bool:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return text[text.rindex(")") + 2 :].split()[0] not in ("Z", "X")
+
+
+def kill_tree(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGKILL torchrun and every rank, and wait until none is left running.
+
+    NOTE: torchrun starts each rank in its own session (elastic's subprocess handler), so killing
+    torchrun's process group leaves the ranks training on; they are killed one by one."""
+    pids = [proc.pid, *descendants(proc.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes still alive after SIGKILL: {[p for p in pids if _alive(p)]}")
+        time.sleep(0.05)
+
+
 def attempt(run_dir: Path, config: Path, port: int) -> dict[str, Any]:
     """Launch 2 ranks on `run_dir`, wait for the first_step event, kill them; returns the times."""
     before = len(read_events(run_dir))
@@ -145,9 +172,7 @@ def attempt(run_dir: Path, config: Path, port: int) -> dict[str, Any]:
                 raise RuntimeError(f"no first_step event after {TIMEOUT_S:.0f} s; see {log.name}")
             time.sleep(0.05)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_tree(proc)
         log.close()
     start = next(e for e in new if e.get("event") == "start")
     # NOTE: the rank processes are torchrun's direct children (their own helpers start later).

@@ -145,3 +145,13 @@ def test_resume_smoke_times_a_real_resume_against_a_fresh_start(tmp_path: Path) 
     assert (resumed["resumed_from"], resumed["first_step"]) == ("step-000010", 11)
     for rec in (fresh, resumed):
         assert 0 < rec["ranks_up_s"] < rec["start_s"] <= rec["first_step_s"]
+    # Each attempt's ranks were killed after their first step (torchrun puts them in their own
+    # sessions): none trains on after the benchmark.
+    leftovers = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"bench-resume-" in (proc / "cmdline").read_bytes():
+                leftovers.append(proc.name)
+        except OSError:
+            continue
+    assert leftovers == []
