@@ -118,6 +118,16 @@ def wait_final(run_id: str, home: Path, timeout: float = 240, interval: float = 
     return wait_for(f"{run_id} to end", probe, timeout, interval)
 
 
+def wait_state(run_id: str, home: Path, states: tuple[str, ...], timeout: float = 90) -> dict[str, Any]:
+    """Poll `status --json` until the run's state is one of `states` (or final); returns it."""
+
+    def probe() -> dict[str, Any] | None:
+        rec = status_json(run_id, home)
+        return rec if rec["state"] in (*states, *FINAL) else None
+
+    return wait_for(f"{run_id} to be {'/'.join(states)}", probe, timeout, 1)
+
+
 def watch_until_final(run_id: str, home: Path, timeout: float = 300) -> tuple[dict[str, Any], str]:
     """`moe-orch watch RUN --interval 2` (it exits when the run is final); its output too."""
     res = moe_orch("watch", run_id, "--interval", "2", home=home, timeout=timeout)
@@ -165,6 +175,14 @@ def job_field(job_id: str, field: str) -> str | None:
     return None
 
 
+def queue_state(job_id: str) -> str:
+    """The job's state in squeue (`PENDING`, `RUNNING`, ...; "" once it is gone)."""
+    res = subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, check=False
+    )
+    return res.stdout.strip()
+
+
 def sacct_rows(job_id: str) -> list[dict[str, str]]:
     """`sacct -D -X` rows of a job (one per run of a requeued job), oldest first."""
     fields = ["JobIDRaw", "State", "ExitCode", "Start", "End", "NodeList", "Partition"]
@@ -186,7 +204,9 @@ def rank_pid(job_id: str, rank: int) -> int | None:
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            if b"submitit.core._submit" not in cmdline:
+            # NOTE: the python itself, not `srun ... python -m submitit.core._submit` (same env).
+            is_python = Path(cmdline[0].decode()).name.startswith("python")
+            if b"submitit.core._submit" not in cmdline or not is_python:
                 continue
             env = dict(
                 item.split(b"=", 1) for item in (entry / "environ").read_bytes().split(b"\0") if b"=" in item

@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 from slurm_helpers import (
-    FINAL,
     checkpoint_tensors,
     cluster_up,
     events,
@@ -33,6 +32,7 @@ from slurm_helpers import (
     node_sh,
     node_state,
     progress_step,
+    queue_state,
     rank_pid,
     run_json,
     sacct_rows,
@@ -43,6 +43,7 @@ from slurm_helpers import (
     train_losses,
     wait_final,
     wait_for,
+    wait_state,
     wait_step,
     watch_until_final,
 )
@@ -86,6 +87,8 @@ def test_usr2_mid_run_requeues_and_resumes_bitwise_equal_to_an_uninterrupted_run
     wait_step(run_dir, 130)  # past the step-100 checkpoint: the stop must save a newer one
     signalled = time.time()
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    wait_for("the job to be pending again", lambda: queue_state(job) in ("PENDING", "REQUEUED"), 60, 0.1)
+    job_left = time.time()  # every rank has exited (the job is pending again)
 
     record = wait_final(run_id, tmp_path, timeout=240)
     reference = wait_final(ref_id, tmp_path, timeout=120)
@@ -114,7 +117,7 @@ def test_usr2_mid_run_requeues_and_resumes_bitwise_equal_to_an_uninterrupted_run
     assert requeued_row["State"] == "REQUEUED"
     timings = {
         "signal_to_checkpoint_durable_s": round(saved["time"] - signalled, 2),
-        "signal_to_job_exited_s": round(slurm_epoch(requeued_row["End"]) - signalled, 2),
+        "signal_to_job_exited_s": round(job_left - signalled, 2),
         "signal_to_next_first_step_s": round(firsts[1]["time"] - signalled, 2),
         "save_s": saved["save_s"],
         "steps_lost": record["attempts"][1]["steps_redone"],
@@ -214,10 +217,7 @@ def test_kill_9_during_a_save_leaves_a_partial_checkpoint_that_the_next_attempt_
 
     # SLURM does not requeue a failed job: the attempt ends `failed` (from sacct) and `watch`
     # resubmits it (1 failure <= max_failures 3).
-    stopped = wait_for(
-        "the killed attempt to end",
-        lambda: (r := status_json(run_id, tmp_path))["state"] in ("stopped", *FINAL) and r, 90,
-    )
+    stopped = wait_state(run_id, tmp_path, ("stopped",))
     assert stopped["state"] == "stopped", stopped
     assert stopped["attempts"][0]["stop_reason"] == "failed"
     assert stopped["latest_checkpoint"]["tag"] == "step-000030", "the partial save is not a checkpoint"
@@ -277,10 +277,7 @@ def test_a_node_failure_ends_the_attempt_node_fail_and_watch_resubmits_without_t
         # NOTE: slurmctld would mark the silent node DOWN only after SlurmdTimeout (60 s here, ~81 s
         # to NODE_FAIL, tools/slurm-local/README.md); a health check does it now.
         scontrol("update", f"NodeName={node}", "State=DOWN", "Reason=moe-orch-test-node-failure")
-        stopped = wait_for(
-            "the node_fail attempt to end",
-            lambda: (r := status_json(run_id, tmp_path))["state"] in ("stopped", *FINAL) and r, 90,
-        )
+        stopped = wait_state(run_id, tmp_path, ("stopped",))
         assert stopped["state"] == "stopped", stopped
         assert stopped["attempts"][0]["stop_reason"] == "node_fail"
         assert stopped["attempts"][0]["slurm_state"].startswith("NODE_FAIL")
