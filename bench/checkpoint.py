@@ -220,9 +220,9 @@ def results_from_records(records: list[dict[str, Any]]) -> list[Result]:
     return results
 
 
-def run(smoke: bool = False, models: list[str] | None = None, repeats: int | None = None) -> tuple[
-    list[Result], list[dict[str, Any]]
-]:
+def run(
+    smoke: bool = False, models: list[str] | None = None, repeats: int | None = None
+) -> tuple[list[Result], list[dict[str, Any]]]:
     names = models or list(MODELS_SMOKE if smoke else MODELS_FULL)
     records = [measure_model(name, repeats or (1 if smoke else 3)) for name in names]
     return results_from_records(records), records
