@@ -60,8 +60,11 @@ class Shape:
     warmup: int
 
 
-# ~0.91 B parameters with 8 experts (dense parent ~0.20 B); 16k tokens per step.
-GPU = Shape(d_model=1024, n_layers=12, n_heads=16, experts=8, top_k=2, seq=2048, micro_batch=8,
+# ~0.91 B parameters with 8 experts (dense parent ~0.20 B); 8k tokens per step.
+# NOTE: the stock layer dispatches with dense one-hot matmuls over (tokens, experts, capacity), whose
+# cost grows with tokens^2 (capacity = k x tokens / experts): 8k tokens per micro-batch is a common
+# per-GPU size, where that dispatch costs about as much as the experts' own matmuls.
+GPU = Shape(d_model=1024, n_layers=12, n_heads=16, experts=8, top_k=2, seq=2048, micro_batch=4,
             vocab=50368, steps=20, warmup=5)  # fmt: skip
 DRY = Shape(d_model=32, n_layers=2, n_heads=2, experts=4, top_k=2, seq=32, micro_batch=2, vocab=300, steps=2,
             warmup=1)  # fmt: skip

@@ -4,11 +4,13 @@
 #   bash bench/gpu_wheels.sh          # -> bench/wheels/*.whl (not committed: see bench/README.md)
 #
 # The device image has torch, transformers, tokenizers, safetensors, typer, rich, jinja2, pyyaml,
-# numpy, psutil, py-cpuinfo, msgpack, ninja, einops, nvidia-ml-py, cloudpickle, typing-extensions
+# numpy, psutil, py-cpuinfo, msgpack, ninja, einops, nvidia-ml-py, cloudpickle
 # (/work/.library/device/KINDS.md) but not: deepspeed, submitit, this package, pydantic (+ its
-# compiled core and two small deps) and hjson (a deepspeed dependency). Pure-Python wheels are built
-# from the versions in this venv; pydantic-core is the only compiled one, so it is downloaded as
-# a manylinux wheel for the device's Python (3.12, x86_64), pinned to the version pydantic needs.
+# compiled core, annotated-types, typing-inspection) and hjson (a deepspeed dependency);
+# typing-extensions is carried too, as the image's may be older than pydantic needs.
+# Pure-Python wheels are built from the versions in this venv; pydantic-core is the only compiled
+# one, so it is downloaded as a manylinux wheel for the device's Python (3.12, x86_64), pinned to
+# the version pydantic needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -23,7 +25,7 @@ ver() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 "$PY" -m pip wheel --quiet --no-deps --wheel-dir "$OUT" \
     "deepspeed==$(ver deepspeed)" "submitit==$(ver submitit)" "hjson==$(ver hjson)" \
     "pydantic==$(ver pydantic)" "annotated-types==$(ver annotated-types)" \
-    "typing-inspection==$(ver typing-inspection)"
+    "typing-inspection==$(ver typing-inspection)" "typing-extensions==$(ver typing-extensions)"
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --dest "$OUT" \
     --python-version "$DEVICE_PY" --implementation cp --abi "cp${DEVICE_PY/./}" \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
