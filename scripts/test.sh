@@ -19,5 +19,5 @@ cleanup() { if [ "$started_slurm" = 1 ] && [ "${MOE_ORCH_KEEP_SLURM:-0}" != 1 ];
 trap cleanup EXIT
 
 echo "== ruff"; ruff check .
-echo "== mypy"; mypy orchestrator worker bench
+echo "== mypy"; mypy orchestrator worker bench tests
 echo "== pytest"; python -m pytest -q "$@"

@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import moe_orch
 
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 Run = tuple[Path, str, subprocess.CompletedProcess[str]]  # home, run id, the `submit --wait` result
-
-
-def moe_orch(*args: str, home: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, MOE_ORCH_HOME=str(home), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from slurm_helpers import (
+from helpers import (
     checkpoint_tensors,
     cluster_up,
     events,

@@ -114,7 +114,7 @@ def test_the_worker_reads_scontrol_requeue_answers(
         calls.append(args)
         return subprocess.CompletedProcess(args, returncode, "", stderr)
 
-    monkeypatch.setattr(signals.subprocess, "run", fake_run)
+    monkeypatch.setattr("worker.signals.subprocess.run", fake_run)
     assert signals.requeue_slurm_job("46") is requeued
     assert calls == [["scontrol", "requeue", "46"]]
 
@@ -137,7 +137,7 @@ def test_the_time_limit_is_the_start_plus_the_limit_not_the_end_slurm_moves_on_p
         assert args == ["squeue", "-h", "-j", "48", "-o", "%S|%l"], "not %e (now + GraceTime when preempted)"
         return subprocess.CompletedProcess(args, 0, "2026-11-28T16:08:31|1:00:00\n", "")
 
-    monkeypatch.setattr(signals.subprocess, "run", fake_run)
+    monkeypatch.setattr("worker.signals.subprocess.run", fake_run)
     start = signals.parse_slurm_time("2026-11-28T16:08:31")
     assert start is not None
     end = signals.slurm_end_time("48")

@@ -7,58 +7,24 @@ each submit (or refuse to submit) once.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from helpers import cluster_up, moe_orch, status_json
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _cluster_up() -> bool:
-    if shutil.which("scontrol") is None or not os.environ.get("SLURM_CONF"):
-        return False
-    try:
-        res = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return res.returncode == 0 and "UP" in res.stdout
 
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.slurm,
-    pytest.mark.skipif(not _cluster_up(), reason="localhost SLURM is not up (tools/slurm-local/start.sh)"),
+    pytest.mark.skipif(not cluster_up(), reason="localhost SLURM is not up (tools/slurm-local/start.sh)"),
 ]
 
 Run = tuple[Path, str, subprocess.CompletedProcess[str]]  # home, run id, the `submit --wait` result
-
-
-def moe_orch(*args: str, home: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, MOE_ORCH_HOME=str(home), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def status_json(run_id: str, home: Path) -> dict[str, Any]:
-    res = moe_orch("status", run_id, "--json", home=home)
-    assert res.returncode == 0, res.stderr
-    data: dict[str, Any] = json.loads(res.stdout)
-    return data
 
 
 def squeue_ids() -> set[str]:
@@ -142,31 +108,3 @@ def test_dry_run_and_invalid_config_submit_nothing(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "ep_size" in bad.stderr
     assert squeue_ids() == before
     assert not any(tmp_path.iterdir())
-
-
-def test_a_preempted_job_requeues_as_a_second_attempt_of_the_same_run(tmp_path: Path) -> None:
-    res = moe_orch(
-        "submit", "configs/tiny-slurm.yaml", "--set", "training.max_steps=200",
-        "--set", "training.save_steps=20", "--set", "cluster.time_min=60", home=tmp_path,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    run_id = res.stdout.splitlines()[0]
-    run_dir = tmp_path / run_id
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run_dir / "checkpoints" / "step-000020").is_dir():
-        time.sleep(0.5)
-    job = status_json(run_id, tmp_path)["attempts"][0]["job_id"]
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    deadline = time.time() + 240
-    record = status_json(run_id, tmp_path)
-    while time.time() < deadline and record["state"] not in ("completed", "failed", "cancelled"):
-        time.sleep(3)
-        record = status_json(run_id, tmp_path)
-    assert record["state"] == "completed", record
-    first, second = record["attempts"]
-    assert first["job_id"] == second["job_id"] == job
-    assert (first["attempt_key"], second["attempt_key"]) == (f"{job}.0", f"{job}.1")
-    assert first["stop_reason"] == "preempted" and first["requeued"]
-    assert second["resumed_from"] is not None and second["stop_reason"] == "completed"
-    logs = moe_orch("logs", run_id, "--rank", "0", home=tmp_path).stdout
-    assert "[attempt 1] [rank 0]" in logs and "[attempt 2] [rank 0]" in logs

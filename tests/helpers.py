@@ -1,4 +1,4 @@
-"""Helpers for tests on the localhost SLURM cluster (tools/slurm-local): the CLI, run files, waits.
+"""Helpers for end-to-end tests (the CLI as a subprocess, run files, waits) and the localhost SLURM.
 
 Every wait polls with a deadline and fails with what it last saw, never sleeps blindly.
 """
