@@ -250,9 +250,13 @@ def detail_lines(detail: dict[str, Any]) -> list[str]:
     lines.append(f"  latest valid checkpoint: {where}")
     for att in detail.get("attempts", []):
         nodes = ",".join(att["nodes"]) or "-"
+        sched = att["slurm_state"] or "-"
+        if att["state"] == "ended" and sched.split()[0] in ("RUNNING", "COMPLETING"):
+            # The worker's exit event arrives before the scheduler's record catches up (sacct lag).
+            sched = f"{sched} (last seen; the job is finishing)"
         lines.append(
             f"  attempt {att['number']}: job {att['job_id']} ({att['attempt_key'] or 'not started'}) "
-            f"{att['state']}, stop {att['stop_reason'] or '-'}, slurm {att['slurm_state'] or '-'}, "
+            f"{att['state']}, stop {att['stop_reason'] or '-'}, scheduler {sched}, "
             f"steps {att['first_step']}..{att['last_step']}, resumed from {att['resumed_from'] or '-'}, "
             f"redone {att['steps_redone'] if att['steps_redone'] is not None else '-'}, nodes {nodes}"
         )
