@@ -130,6 +130,24 @@ def watch_queue_state(job_id: str, timeout: float = 120.0) -> dict[str, float]:
     return seen
 
 
+def ensure_gone(job_id: str, timeout: float = 120.0) -> None:
+    """Wait until SLURM no longer runs `job_id`, cancelling it again whenever it is pending.
+
+    NOTE: `moe-orch cancel` of a running job is not final here: scancel's SIGTERM reaches the
+    worker as a stop signal, which saves and runs `scontrol requeue`, so the job starts again (seen
+    2026-11-28). A pending job cancels cleanly; the run folder must outlive the job."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        argv = ["squeue", "-h", "-j", job_id, "-o", "%T"]
+        state = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False).stdout.strip()
+        if state in ("", "COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED"):
+            return
+        if state == "PENDING":
+            subprocess.run(["scancel", job_id], capture_output=True, timeout=30, check=False)
+        time.sleep(0.5)
+    logger.warning("job %s still %s after %.0f s; cancel it by hand", job_id, state, timeout)
+
+
 def analyze(
     events: list[dict[str, Any]], sacct: str, signalled: float, queue: dict[str, float] | None = None
 ) -> dict[str, Any]:
@@ -146,6 +164,7 @@ def analyze(
     exited = next(e for e in events if e["event"] == "exit" and e["time"] >= sig["time"])
     rows = next(iter(parse_sacct(sacct).values()), [])
     requeued = next((r for r in rows if r.state in ("REQUEUED", "PREEMPTED")), None)
+    restarted = rows[rows.index(requeued) + 1] if requeued and rows.index(requeued) + 1 < len(rows) else None
     if len(starts) < 2 or len(firsts) < 2:
         raise ValueError(f"no second attempt in the events ({len(starts)} start, {len(firsts)} first_step)")
     first_job_start = rows[0].start if rows and rows[0].start else None
@@ -163,6 +182,7 @@ def analyze(
         "job_left_running_s": (queue["left_running"] - signalled) if "left_running" in queue else None,
         "job_pending_again_s": (queue["pending_again"] - signalled) if "pending_again" in queue else None,
         "slurm_state": requeued.state if requeued else None,
+        "job_restarted_s": (restarted.start - signalled) if restarted and restarted.start else None,
         "next_start_s": starts[1]["time"] - signalled,
         "next_first_step_s": firsts[1]["time"] - signalled,
         "next_first_step": firsts[1]["step"],
@@ -191,6 +211,7 @@ def measure(keep: Path | None = None) -> dict[str, Any]:
             raise RuntimeError(f"moe-orch submit failed: {res.stdout}{res.stderr}")
         run_id = res.stdout.splitlines()[0].strip()
         run_dir = home / run_id
+        job: str | None = None
         try:
 
             def job_id() -> str | None:
@@ -214,6 +235,8 @@ def measure(keep: Path | None = None) -> dict[str, Any]:
             record = analyze(read_events(run_dir), sacct_text(job), signalled, queue)
         finally:
             _moe_orch(home, "cancel", run_id)
+            if job is not None:
+                ensure_gone(job)
     record.update(run_id=run_id, job_id=job)
     return record
 
@@ -272,8 +295,9 @@ def results_from_record(rec: dict[str, Any]) -> list[Result]:
         Result(
             "preemption signal->next first step", ours=s("next_first_step_s"), unit="s",
             baseline=rec.get("first_attempt_start_to_first_step_s"),
-            note=f"next start event at {s('next_start_s'):.1f} s, resumed from {rec.get('resumed_from')}; "
-            "baseline: attempt 1's job start (sacct) -> first step",
+            note=f"job running again at {s('job_restarted_s'):.0f} s (sacct Start; requeue delay), start "
+            f"event at {s('next_start_s'):.1f} s, resumed from {rec.get('resumed_from')}; baseline: "
+            "attempt 1's job start (sacct) -> first step",
         ),
         Result(
             "preemption steps lost", ours=s("steps_lost"), unit="steps",

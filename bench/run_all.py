@@ -8,9 +8,10 @@ Each benchmark runs as its own process (`python -m bench.<module>`), exactly as 
 so one crash or one leaked process group cannot spoil the others; each writes
 `bench/results/<date>-<name>.{json,md}` itself. This script then reads those JSON files back and
 writes `bench/results/<date>-summary.{json,md}`: every row of every benchmark, the machine, and
-per benchmark its exit status, wall time and result file. A benchmark that fails (or is skipped:
-the preemption benchmark needs the localhost SLURM, `source /tmp/slurm-local/env.sh`) is listed
-with its reason and the others still run. The GPU benchmark (`bench/gpu.sh`) runs elsewhere.
+per benchmark its exit status, wall time and result file. A benchmark left out with `--only` or
+`--skip` keeps today's earlier rows (`--summary-only` runs nothing). A benchmark that fails (or is
+skipped: the preemption benchmark needs the localhost SLURM, `source /tmp/slurm-local/env.sh`) is
+listed with its reason and the others still run. The GPU benchmark (`bench/gpu.sh`) runs elsewhere.
 """
 
 from __future__ import annotations
@@ -91,6 +92,16 @@ def run_one(bench: Bench, smoke: bool, results_dir: Path = RESULTS_DIR) -> dict[
     return rec
 
 
+def earlier(bench: Bench, results_dir: Path = RESULTS_DIR) -> dict[str, Any] | None:
+    """Today's results file of a benchmark not run this time, as a status record (None: none)."""
+    path = results_dir / f"{_today()}-{bench.name}.json"
+    if not path.exists():
+        return None
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    stamp = time.strftime("%H:%M:%S", time.localtime(path.stat().st_mtime))
+    return {"status": f"earlier ({stamp})", "file": str(path.relative_to(REPO)), "rows": doc["results"]}
+
+
 def summarize(records: dict[str, dict[str, Any]]) -> list[Result]:
     rows: list[Result] = []
     for rec in records.values():
@@ -106,11 +117,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="each benchmark's --smoke mode; writes nothing")
     parser.add_argument("--only", nargs="+", choices=NAMES, help="run only these")
     parser.add_argument("--skip", nargs="+", choices=NAMES, default=[], help="do not run these")
+    parser.add_argument(
+        "--summary-only", action="store_true", help="run nothing; summarize today's results files"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     chosen = [b for b in BENCHES if (not args.only or b.name in args.only) and b.name not in args.skip]
+    if args.summary_only:
+        chosen = []
     records: dict[str, dict[str, Any]] = {}
-    for bench in chosen:
+    for bench in BENCHES:
+        if bench not in chosen:
+            # NOTE: the summary always covers every benchmark: one not run now keeps today's rows.
+            found = None if args.smoke else earlier(bench)
+            if found:
+                records[bench.name] = found
+            continue
         print(f"== {bench.name} ({'smoke' if args.smoke else 'full'})", flush=True)
         records[bench.name] = run_one(bench, args.smoke)
         rec = records[bench.name]
