@@ -162,3 +162,26 @@ def test_a_node_set_down_while_completing_its_dead_job_counts_as_unhealthy(
 
     monkeypatch.setattr(slurm, "_run", fake_run)
     assert slurm.unhealthy_nodes(["n1", "n2", "n3", "n4"]) == ["n1", "n3"]
+
+
+# --- SIGTERM: cancellation or requeue? (scontrol show job -o, SLURM 22.05, as measured) ----------
+SCANCELLED = "JobId=145 JobName=trap.sh Restarts=0 BatchFlag=1 JobState=COMPLETING PreemptTime=None"
+REQUEUED = "JobId=146 JobName=trap.sh Restarts=1 BatchFlag=1 JobState=COMPLETING PreemptTime=None"
+PREEMPTED = "JobId=147 Restarts=0 JobState=COMPLETING PreemptTime=2026-11-28T17:20:00"
+
+
+@pytest.mark.parametrize(
+    ("line", "restart_count", "cancelled"),
+    [(SCANCELLED, 0, True), (REQUEUED, 0, False), (PREEMPTED, 0, False), (REQUEUED, 1, True)],
+)
+def test_a_sigterm_is_a_cancellation_only_when_slurm_neither_requeued_nor_preempted_the_job(
+    line: str, restart_count: int, cancelled: bool
+) -> None:
+    job = signals.parse_scontrol_job(line)
+    assert signals.term_is_cancellation(job, restart_count) is cancelled
+
+
+def test_moe_orch_cancel_is_seen_through_run_json(tmp_path: Path) -> None:
+    assert not signals.cancel_requested(tmp_path)
+    (tmp_path / "run.json").write_text('{"cancel_requested": true}')
+    assert signals.cancel_requested(tmp_path)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import cluster_up, moe_orch, status_json
+from helpers import cluster_up, events, moe_orch, status_json, wait_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,19 +85,31 @@ def test_a_crashing_job_ends_failed_with_its_traceback(tmp_path: Path) -> None:
     assert "Traceback" in err and "InjectedFault" in err
 
 
-def test_cancel_ends_the_run_cancelled(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["moe-orch cancel", "scancel"])
+def test_cancelling_a_training_job_ends_the_run_cancelled_and_never_requeues_it(
+    tmp_path: Path, how: str
+) -> None:
     res = moe_orch("submit", "configs/tiny-slurm.yaml", "--set", "training.max_steps=100000", home=tmp_path)
     assert res.returncode == 0, res.stderr
     run_id = res.stdout.splitlines()[0]
     job = status_json(run_id, tmp_path)["attempts"][0]["job_id"]
-    assert moe_orch("cancel", run_id, home=tmp_path).returncode == 0
+    # Training, so the worker's SIGTERM handler is installed: it saves, and must not requeue.
+    wait_step(tmp_path / run_id, 1)
+    if how == "scancel":
+        subprocess.run(["scancel", job], check=True)
+    else:
+        assert moe_orch("cancel", run_id, home=tmp_path).returncode == 0
     deadline = time.time() + 60
     while time.time() < deadline and job in squeue_ids():
         time.sleep(1)
-    assert job not in squeue_ids(), "scancel ended the job"
+    time.sleep(3)  # a wrongly requeued job would be back in the queue by now
+    assert job not in squeue_ids(), "the cancelled job left the queue and did not come back"
     record = status_json(run_id, tmp_path)
-    assert record["state"] == "cancelled" and record["cancel_requested"]
-    assert len(record["attempts"]) == 1, "never requeued"
+    assert record["state"] == "cancelled", record
+    assert record["cancel_requested"] == (how == "moe-orch cancel")
+    assert len(record["attempts"]) == 1 and not record["attempts"][0]["requeued"]
+    exits = [e for e in events(tmp_path / run_id, "exit")]
+    assert exits and exits[-1]["reason"] == "cancelled" and exits[-1]["requeued"] is False
 
 
 def test_dry_run_and_invalid_config_submit_nothing(tmp_path: Path) -> None:

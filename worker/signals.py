@@ -31,6 +31,7 @@ Fault hooks for tests (`MOE_ORCH_FAULT`, comma-separated; every rank acts on the
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 import signal
@@ -260,3 +261,49 @@ def requeue_slurm_job(job_id: str) -> bool:
         return False
     logger.info("requeued SLURM job %s", job_id)
     return True
+
+
+def parse_scontrol_job(text: str) -> dict[str, str]:
+    """`scontrol show job -o ID` -> {"Restarts": "0", "PreemptTime": "None", ...}."""
+    fields: dict[str, str] = {}
+    for token in text.split():
+        key, sep, value = token.partition("=")
+        if sep and key not in fields:
+            fields[key] = value
+    return fields
+
+
+def term_is_cancellation(job: Mapping[str, str], restart_count: int) -> bool:
+    """Whether the SIGTERM we got is a cancellation (`scancel`), not a requeue or preemption.
+
+    Measured on SLURM 22.05: at the SIGTERM of `scontrol requeue` the job's `Restarts` is already
+    one more than our attempt's SLURM_RESTART_COUNT; a preemption sets `PreemptTime`; `scancel`
+    does neither. Requeueing after a cancellation would bring a cancelled job back to life.
+    """
+    try:
+        restarts = int(job.get("Restarts", "0"))
+    except ValueError:
+        return False
+    preempted = job.get("PreemptTime", "None") not in ("None", "", "Unknown")
+    return restarts <= restart_count and not preempted
+
+
+def slurm_job_fields(job_id: str) -> dict[str, str]:
+    """The job's `scontrol show job -o` fields; {} when scontrol cannot tell."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("scontrol show job %s failed: %s", job_id, exc)
+        return {}
+    return parse_scontrol_job(out.stdout) if out.returncode == 0 else {}
+
+
+def cancel_requested(run_dir: Path) -> bool:
+    """`moe-orch cancel` records the request in run.json before it runs scancel."""
+    try:
+        record = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(record, dict) and record.get("cancel_requested"))

@@ -41,9 +41,12 @@ from worker.signals import (
     Faults,
     InjectedFault,
     SignalState,
+    cancel_requested,
     clear_save_now,
     requeue_slurm_job,
+    slurm_job_fields,
     stop_reason_from_env,
+    term_is_cancellation,
 )
 
 if TYPE_CHECKING:
@@ -336,13 +339,24 @@ class Trainer:
             reason = stop_reason_from_env(
                 os.environ, self.info.job_id, self.info.slurm_job, self.cfg.cluster.signal_delay_s
             )
-            if self.info.slurm_job and self.cfg.cluster.requeue:
+            if self._cancelled(signal_name):
+                reason = "cancelled"
+            elif self.info.slurm_job and self.cfg.cluster.requeue:
                 requeued = requeue_slurm_job(self.info.job_id)
             self.reporter.event("exit", reason=reason, step=self.step, requeued=requeued, error=None)
             logger.warning("stopped at step %d (%s), requeued: %s", self.step, reason, requeued)
         self.reporter.close()
         self.barrier()  # leave together: no rank exits while rank 0 still reports or requeues
         return EXIT_STOPPED
+
+    def _cancelled(self, signal_name: str) -> bool:
+        """Rank 0: a stop that must not requeue (`moe-orch cancel`, or a plain `scancel`)."""
+        if cancel_requested(self.run_dir):
+            return True
+        if signal_name != "TERM" or not self.info.slurm_job:
+            return False
+        job = slurm_job_fields(self.info.job_id)
+        return bool(job) and term_is_cancellation(job, self.info.restart_count)
 
     def _log_eval(self) -> None:
         eval_loss = self.evaluate()
