@@ -223,8 +223,12 @@ def update_run(run_dir: Path, mutate: Callable[[RunRecord], None]) -> RunRecord:
     """Read, change and write `run.json` while holding its lock; returns the new record."""
     with _locked(run_dir):
         record = read_run(run_dir)
+        before = record.to_dict()
         mutate(record)
-        _write_unlocked(run_dir, record)
+        # NOTE: `status` reconciles every open run on each poll; rewriting (and fsyncing) an
+        # unchanged run.json made a 1,000-run status spend most of its time writing.
+        if record.to_dict() != before:
+            _write_unlocked(run_dir, record)
         return record
 
 
