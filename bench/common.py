@@ -216,3 +216,50 @@ def write_results(
     stem.with_suffix(".md").write_text("\n".join(md), encoding="utf-8")
     logger.info("wrote %s", json_path)
     return json_path
+
+
+def tiny_model_config(
+    name: str,
+    *,
+    d_model: int,
+    n_layers: int,
+    n_heads: int,
+    vocab: int,
+    seq: int,
+    micro_batch: int,
+    moe: dict[str, Any],
+    tasks_per_node: int = 1,
+    gpus_per_node: int = 0,
+) -> Any:
+    """The `RunConfig` of a benchmark model: a random `tiny` MPT of this shape, one local node,
+    no gradient accumulation, ZeRO-2, bf16 on GPUs and fp32 on CPU. `moe` is the config's `moe:`
+    section (enabled, num_experts, top_k, ep_size, implementation)."""
+    from orchestrator.config import RunConfig
+
+    return RunConfig.model_validate(
+        {
+            "name": name,
+            "cluster": {
+                "executor": "local", "nodes": 1, "tasks_per_node": tasks_per_node,
+                "gpus_per_node": gpus_per_node, "cpus_per_task": 1,
+            },
+            "model": {
+                "name_or_path": "tiny",
+                "tiny": {
+                    "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads, "expansion_ratio": 4,
+                    "vocab_size": vocab, "max_seq_len": seq,
+                },
+            },
+            "moe": moe,
+            "data": {"max_seq_length": seq, "max_target_length": seq // 2},
+            "training": {
+                "precision": "bf16" if gpus_per_node else "fp32",
+                "micro_batch_size": micro_batch,
+                "gradient_accumulation_steps": 1,
+                "zero_stage": 2,
+                "learning_rate": 1e-4,
+                "warmup_steps": 0,
+                "max_grad_norm": 1.0,
+            },
+        }
+    )  # fmt: skip

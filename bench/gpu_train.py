@@ -71,42 +71,14 @@ DRY = Shape(d_model=32, n_layers=2, n_heads=2, experts=4, top_k=2, seq=32, micro
 
 
 def run_config(shape: Shape, variant: str, gpu: bool) -> Any:
-    from orchestrator.config import RunConfig
+    from bench.common import tiny_model_config
 
-    return RunConfig.model_validate(
-        {
-            "name": f"gpu-bench-{variant}",
-            "cluster": {"executor": "local", "nodes": 1, "tasks_per_node": 1, "gpus_per_node": int(gpu)},
-            "model": {
-                "name_or_path": "tiny",
-                "tiny": {
-                    "d_model": shape.d_model,
-                    "n_layers": shape.n_layers,
-                    "n_heads": shape.n_heads,
-                    "expansion_ratio": 4,
-                    "vocab_size": shape.vocab,
-                    "max_seq_len": shape.seq,
-                },
-            },
-            "moe": {
-                "enabled": variant != "dense",
-                "num_experts": shape.experts,
-                "top_k": shape.top_k,
-                "ep_size": 1,
-                "implementation": "dropless" if variant == "dropless" else "deepspeed",
-            },
-            "data": {"max_seq_length": shape.seq, "max_target_length": shape.seq // 2},
-            "training": {
-                "precision": "bf16" if gpu else "fp32",
-                "micro_batch_size": shape.micro_batch,
-                "gradient_accumulation_steps": 1,
-                "zero_stage": 2,
-                "learning_rate": 1e-4,
-                "warmup_steps": 0,
-                "max_grad_norm": 1.0,
-            },
-        }
-    )
+    return tiny_model_config(
+        f"gpu-bench-{variant}", d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads,
+        vocab=shape.vocab, seq=shape.seq, micro_batch=shape.micro_batch, gpus_per_node=int(gpu),
+        moe={"enabled": variant != "dense", "num_experts": shape.experts, "top_k": shape.top_k,
+             "ep_size": 1, "implementation": "dropless" if variant == "dropless" else "deepspeed"},
+    )  # fmt: skip
 
 
 def model_flops_per_token(shape: Shape, variant: str) -> float:

@@ -42,7 +42,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Result, markdown_table, write_results
+from bench.common import Result, markdown_table, tiny_model_config, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -82,43 +82,13 @@ WORLD = 2
 
 def run_config(shape: Shape, variant: str) -> Any:
     """The `RunConfig` of one variant (what a user would write in run.yaml)."""
-    from orchestrator.config import RunConfig
-
     enabled, implementation, top_k, ep_size = VARIANTS[variant]
-    return RunConfig.model_validate(
-        {
-            "name": f"bench-{variant}",
-            "cluster": {"executor": "local", "nodes": 1, "tasks_per_node": WORLD, "cpus_per_task": 1},
-            "model": {
-                "name_or_path": "tiny",
-                "tiny": {
-                    "d_model": shape.d_model,
-                    "n_layers": shape.n_layers,
-                    "n_heads": shape.n_heads,
-                    "expansion_ratio": 4,
-                    "vocab_size": shape.vocab,
-                    "max_seq_len": shape.seq,
-                },
-            },
-            "moe": {
-                "enabled": enabled,
-                "num_experts": shape.experts,
-                "top_k": top_k,
-                "ep_size": ep_size,
-                "implementation": implementation,
-            },
-            "data": {"max_seq_length": shape.seq, "max_target_length": shape.seq // 2},
-            "training": {
-                "precision": "fp32",
-                "micro_batch_size": shape.micro_batch,
-                "gradient_accumulation_steps": 1,
-                "zero_stage": 2,
-                "learning_rate": 1e-4,
-                "warmup_steps": 0,
-                "max_grad_norm": 1.0,
-            },
-        }
-    )
+    return tiny_model_config(
+        f"bench-{variant}", d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads,
+        vocab=shape.vocab, seq=shape.seq, micro_batch=shape.micro_batch, tasks_per_node=WORLD,
+        moe={"enabled": enabled, "num_experts": shape.experts, "top_k": top_k, "ep_size": ep_size,
+             "implementation": implementation},
+    )  # fmt: skip
 
 
 def _rank_main(rank: int, port: int, shape: Shape, variant: str, out_dir: str) -> None:
