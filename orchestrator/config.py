@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -27,6 +29,29 @@ ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def _fail(loc_hint: str, message: str) -> PydanticCustomError:
     """An error for a cross-field rule; `loc_hint` is the field path shown to the user."""
     return PydanticCustomError("moe_orch_rule", "{field}: {msg}", {"field": loc_hint, "msg": message})
+
+
+def _not_blank(hint: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if not value.strip():
+            raise PydanticCustomError("blank_string", "must not be empty or blank" + hint)
+        return value
+
+    return AfterValidator(check)
+
+
+# NOTE: `pattern: \S` tells editors what the validator enforces (at least one visible character).
+_NOT_BLANK_SCHEMA = WithJsonSchema({"type": "string", "pattern": r"\S"})
+
+NonBlankStr = Annotated[str, _not_blank(""), _NOT_BLANK_SCHEMA]
+"""A string that must hold a value: "" or only whitespace is an error naming the field and line."""
+
+UnsetOrNonBlankStr = (
+    Annotated[str, _not_blank("; leave the key out (or write null) to leave it unset"), _NOT_BLANK_SCHEMA]
+    | None
+)
+"""An optional string: unset is null (or the key left out), never "" or whitespace, so that an
+empty value (a template variable that expanded to nothing) is an error, not a silent default."""
 
 
 class _Section(BaseModel):
@@ -61,17 +86,17 @@ class ClusterConfig(_Section):
     time_min: Annotated[int, Field(ge=1)] = 60
     """Wall-clock limit of one attempt in minutes (`--time`). Longer runs continue by requeue."""
 
-    partition: str | None = None
-    """SLURM partition (`--partition`)."""
+    partition: UnsetOrNonBlankStr = None
+    """SLURM partition (`--partition`); unset (not "") leaves the cluster's default."""
 
-    account: str | None = None
-    """SLURM account to charge (`--account`)."""
+    account: UnsetOrNonBlankStr = None
+    """SLURM account to charge (`--account`); unset (not "") leaves the user's default."""
 
-    qos: str | None = None
-    """SLURM quality of service (`--qos`)."""
+    qos: UnsetOrNonBlankStr = None
+    """SLURM quality of service (`--qos`); unset (not "") leaves the default."""
 
-    constraint: str | None = None
-    """SLURM node feature constraint (`--constraint`), e.g. `a100`."""
+    constraint: UnsetOrNonBlankStr = None
+    """SLURM node feature constraint (`--constraint`), e.g. `a100`; unset (not "") means none."""
 
     exclude: list[str] = Field(default_factory=list)
     """Nodes never to run on (`--exclude`). `watch` adds nodes that failed an attempt."""
@@ -98,8 +123,9 @@ class ClusterConfig(_Section):
     env: dict[str, str] = Field(default_factory=dict)
     """Extra environment variables for every rank. Values are quoted; they never run as shell."""
 
-    python: str | None = None
-    """Python interpreter on the compute nodes; unset means the interpreter running moe-orch."""
+    python: UnsetOrNonBlankStr = None
+    """Python interpreter on the compute nodes; unset (not "") means the interpreter running
+    moe-orch."""
 
     requeue: bool = True
     """Let SLURM requeue the job (`--requeue`) after preemption, node failure or a save on signal."""
@@ -167,15 +193,15 @@ class TinyModelConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name_or_path: str = "mosaicml/mpt-7b"
+    name_or_path: NonBlankStr = "mosaicml/mpt-7b"
     """A Hugging Face hub id (`mosaicml/mpt-7b`), a local folder holding an MPT, or `tiny` for a
-    random tiny MPT built from `model.tiny` (CPU tests and demos)."""
+    random tiny MPT built from `model.tiny` (CPU tests and demos). Must not be empty."""
 
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     """Architecture of the random tiny MPT used when `name_or_path` is `tiny`."""
 
-    revision: str | None = None
-    """Hub revision (branch, tag or commit) to load."""
+    revision: UnsetOrNonBlankStr = None
+    """Hub revision (branch, tag or commit) to load; unset (not "") means the default branch."""
 
     trust_remote_code: bool = False
     """Pass `trust_remote_code` when loading from the hub (needed by some MPT checkpoints)."""
@@ -242,13 +268,14 @@ class MoeConfig(_Section):
 
 
 class DataConfig(_Section):
-    train_file: str = "nq_annotated_moe.jsonl"
+    train_file: NonBlankStr = "nq_annotated_moe.jsonl"
     """Training JSONL: one `{"question", "answer", "expert_label"}` object per line. `answer` is a
     string, a list of strings (joined with ", ") or `{"text": ...}`. Relative paths are resolved
-    against the config file's folder."""
+    against the config file's folder. Must not be empty."""
 
-    eval_file: str | None = None
-    """Evaluation JSONL in the same format; unset holds out `eval_fraction` of the training file."""
+    eval_file: UnsetOrNonBlankStr = None
+    """Evaluation JSONL in the same format; unset (not "") holds out `eval_fraction` of the
+    training file."""
 
     eval_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
     """Share of the training file held out for evaluation when there is no `eval_file`."""
@@ -262,11 +289,11 @@ class DataConfig(_Section):
     max_target_length: Annotated[int, Field(ge=1)] = 128
     """Longest answer in tokens; the prompt is cut first, so an answer is never dropped whole."""
 
-    tokenizer: str | None = None
-    """Tokenizer: unset uses the model's own (for `tiny`: a byte-level BPE trained on the training
+    tokenizer: UnsetOrNonBlankStr = None
+    """Tokenizer: unset (not "") uses the model's own (for `tiny`: a byte-level BPE trained on the training
     data); `bpe` forces that offline BPE; anything else is a hub id or folder."""
 
-    prompt_template: str = "Question: {question}\nAnswer:"
+    prompt_template: NonBlankStr = "Question: {question}\nAnswer:"
     """How a question becomes the prompt; the loss is on the answer tokens only."""
 
     @field_validator("train_file", "eval_file")
@@ -349,7 +376,7 @@ class TrainingConfig(_Section):
 class RunConfig(_Section):
     """A moe-orch run: resources, model, MoE layout, data and training."""
 
-    name: str
+    name: NonBlankStr
     """Run name: letters, digits, `.`, `_` and `-`. The run id adds a unique suffix."""
 
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)

@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.config import RunConfig
-from orchestrator.errors import ConfigError, ConfigIssue
+from orchestrator.errors import ConfigError, ConfigFileError, ConfigIssue
 
 Loc = tuple[str | int, ...]
 
@@ -29,23 +29,50 @@ def _compose_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> None:
             _compose_lines(item, (*loc, i), lines)
 
 
+def _yaml_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return type(value).__name__
+
+
+def _yaml_error_issue(exc: yaml.YAMLError, text: str, file: str) -> ConfigIssue:
+    """One line for a YAML syntax error, at its line (PyYAML's own text spans several lines)."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        problem = f"unacceptable character #x{code:04x} ({exc.reason})"
+        return ConfigIssue("", f"not valid YAML: {problem}", file, text.count("\n", 0, exc.position) + 1)
+    mark = getattr(exc, "problem_mark", None)
+    line = mark.line + 1 if mark is not None else None
+    problem = getattr(exc, "problem", None) or str(exc)
+    return ConfigIssue("", f"not valid YAML: {' '.join(str(problem).split())}", file, line)
+
+
 def parse_yaml(text: str, file: str) -> tuple[dict[str, Any], dict[Loc, int]]:
-    """The YAML mapping and the line of every key in it."""
+    """The YAML mapping and the line of every key in it.
+
+    Raises ConfigFileError for text that is not valid YAML, holds nothing, or is not a mapping.
+    """
     try:
         data = yaml.safe_load(text)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([ConfigIssue("", f"not valid YAML: {problem}", file, line)]) from None
-    if data is None:
-        data = {}
+        raise ConfigFileError([_yaml_error_issue(exc, text, file)]) from None
+    if node is None:
+        message = "the config file is empty; start from a shipped config (`moe-orch configs` lists them)"
+        raise ConfigFileError([ConfigIssue("", message, file)])
     if not isinstance(data, dict):
-        raise ConfigError([ConfigIssue("", "the config must be a YAML mapping (key: value lines)", file, 1)])
+        message = f"the config must be a YAML mapping (key: value lines), not {_yaml_kind(data)}"
+        raise ConfigFileError([ConfigIssue("", message, file, node.start_mark.line + 1)])
     lines: dict[Loc, int] = {}
-    if node is not None:
-        _compose_lines(node, (), lines)
+    _compose_lines(node, (), lines)
     return data, lines
 
 
@@ -179,25 +206,57 @@ def builtin_configs_dir() -> Path:
 def resolve_config_path(spec: str | Path) -> Path:
     """A config path, or the name of a shipped config (`tiny-cpu`), so the CLI works anywhere."""
     path = Path(spec).expanduser()
-    if path.is_file():
-        return path
+    try:
+        if path.is_file():
+            return path
+        is_dir = path.is_dir()
+    except PermissionError:
+        return path  # read_config_text reports it, naming the file
     for candidate in (builtin_configs_dir() / f"{spec}.yaml", builtin_configs_dir() / str(spec)):
         if candidate.is_file():
             return candidate
+    if is_dir:
+        message = "is a folder, not a config file; give the .yaml file inside it"
+        raise ConfigFileError([ConfigIssue("", message, str(spec))])
     shipped = sorted(p.stem for p in builtin_configs_dir().glob("*.yaml"))
-    raise ConfigError(
+    raise ConfigFileError(
         [ConfigIssue("", f"config file not found: {spec} (shipped configs: {', '.join(shipped)})", str(spec))]
     )
+
+
+def read_config_text(path: Path) -> str:
+    """The text of a config file; ConfigFileError names the file (and line) when it cannot be read.
+
+    Every config is read here: `validate`, `render`, `submit`, the worker and run.yaml.
+    """
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read()
+    except IsADirectoryError:
+        message = "is a folder, not a config file; give the .yaml file inside it"
+        raise ConfigFileError([ConfigIssue("", message, str(path))]) from None
+    except PermissionError:
+        message = f"cannot read the config: permission denied; check its mode and owner (ls -l {path})"
+        raise ConfigFileError([ConfigIssue("", message, str(path))]) from None
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise ConfigFileError([ConfigIssue("", f"cannot read the config: {reason}", str(path))]) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = raw.rfind(b"\n", 0, exc.start) + 1
+        line = raw.count(b"\n", 0, exc.start) + 1
+        message = (
+            f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start - line_start + 1}); "
+            "save the file as UTF-8"
+        )
+        raise ConfigFileError([ConfigIssue("", message, str(path), line)]) from None
 
 
 def load_config(spec: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
     """Read, override and validate a config file. Relative data paths resolve against its folder."""
     path = resolve_config_path(spec)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError([ConfigIssue("", f"cannot read config: {exc.strerror}", str(path))]) from None
-    data, lines = parse_yaml(text, str(path))
+    data, lines = parse_yaml(read_config_text(path), str(path))
     data = apply_overrides(data, overrides)
     return validate_data(data, file=str(path), lines=lines, base_dir=path.resolve().parent)
 
@@ -210,5 +269,5 @@ def dump_config(cfg: RunConfig) -> str:
 def load_resolved(path: str | Path) -> RunConfig:
     """Load a run.yaml written by `dump_config` (paths already absolute)."""
     p = Path(path)
-    data, lines = parse_yaml(p.read_text(), str(p))
+    data, lines = parse_yaml(read_config_text(p), str(p))
     return validate_data(data, file=str(p), lines=lines, base_dir=p.resolve().parent)

@@ -132,9 +132,13 @@ def read_qa_file(
             raw_lines = fh.read().split(b"\n")
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise DataFileError([_missing_file_issue(p, field)]) from None
+    except PermissionError:
+        message = f"cannot read data file: permission denied; check its mode and owner (ls -l {p})"
+        raise DataFileError([ConfigIssue(path=field, message=message, file=str(p))]) from None
     except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
         raise DataFileError(
-            [ConfigIssue(path=field, message=f"cannot read data file: {exc.strerror}", file=str(p))]
+            [ConfigIssue(path=field, message=f"cannot read data file: {reason}", file=str(p))]
         ) from None
 
     examples: list[QAExample] = []
@@ -148,7 +152,8 @@ def read_qa_file(
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            reason = f"not UTF-8 text (byte {exc.start + 1})"
+            byte, column = raw[exc.start], exc.start + 1
+            reason = f"not UTF-8 text (byte 0x{byte:02x} at column {column}); save the file as UTF-8"
         else:
             try:
                 examples.append(_parse_line(text, number))

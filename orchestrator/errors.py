@@ -38,11 +38,23 @@ class ConfigError(MoeOrchError):
         super().__init__("\n".join(str(i) for i in issues))
 
 
+class ConfigFileError(ConfigError):
+    """A config file cannot be read as a YAML mapping: missing, a folder, no permission, not UTF-8,
+    empty, not valid YAML, or not `key: value` lines at the top. The issue names the file (and the
+    line where there is one)."""
+
+
 class DataFileError(ConfigError):
     """A data file is missing or has lines not in the seed's QA format."""
 
 
 class RunNotFoundError(MoeOrchError):
+    exit_code = 2
+
+
+class AttemptNotFoundError(MoeOrchError):
+    """A run has no attempt with the number asked for (`logs --attempt N`)."""
+
     exit_code = 2
 
 

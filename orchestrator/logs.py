@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator import runs
+from orchestrator.errors import AttemptNotFoundError
 from orchestrator.job import ATTEMPT_MARKER
 from orchestrator.runs import RunRecord
 
@@ -130,6 +131,27 @@ def format_lines(lines: list[LogLine], *, tail: int | None = None) -> list[str]:
     return [(f"[attempt {ln.attempt}] " if several else "") + f"[rank {ln.rank}] {ln.text}" for ln in lines]
 
 
+def _describe_numbers(numbers: list[int]) -> str:
+    """`1..3` for a contiguous range, else the numbers: `1, 3`."""
+    if len(numbers) > 2 and numbers == list(range(numbers[0], numbers[-1] + 1)):
+        return f"{numbers[0]}..{numbers[-1]}"
+    return ", ".join(map(str, numbers))
+
+
+def check_attempt(rec: RunRecord, attempt: int) -> None:
+    """Raise AttemptNotFoundError, naming the attempts the run has, unless `attempt` is one."""
+    numbers = sorted(att.number for att in rec.attempts)
+    if attempt in numbers:
+        return
+    if not numbers:
+        has = "has no attempts yet"
+    else:
+        has = f"has attempt{'s' if len(numbers) > 1 else ''} {_describe_numbers(numbers)}"
+    raise AttemptNotFoundError(
+        f"run {rec.run_id} {has}; no attempt {attempt} (see `moe-orch status {rec.run_id}`)"
+    )
+
+
 def show_logs(
     run_dir: Path,
     *,
@@ -139,7 +161,11 @@ def show_logs(
     tail: int | None,
     echo: Echo,
 ) -> int:
+    """Print the run's log lines (`echo`); return how many. An `attempt` the run does not have
+    raises AttemptNotFoundError."""
     rec = runs.read_run(run_dir)
+    if attempt is not None:
+        check_attempt(rec, attempt)
     lines = format_lines(read_logs(run_dir, rec, rank=rank, attempt=attempt, stderr=stderr), tail=tail)
     for line in lines:
         echo(line)

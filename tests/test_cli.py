@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from orchestrator import runs
 from orchestrator.cli import app
+from orchestrator.runs import Attempt, RunRecord
 from orchestrator.schemadoc import REFERENCE_PATH, config_reference_markdown
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,3 +154,47 @@ def test_render_into_a_folder_that_cannot_be_written_is_one_line_not_a_traceback
     assert result.exit_code == 1
     assert result.stderr.startswith(f"error: cannot write the rendered files into {blocker / 'sub'}")
     assert "Traceback" not in result.output
+
+
+def write_run_with_attempts(home: Path, attempts: list[Attempt]) -> str:
+    """A run record under `home` with these attempts (no job behind it); returns the run id."""
+    run_id = "r-20261128-152000-abcd"
+    run_dir = home / run_id
+    run_dir.mkdir(parents=True)
+    rec = RunRecord(
+        run_id=run_id, name="r", config_hash="x", created=0.0, executor="slurm",
+        run_dir=str(run_dir), home=str(home), attempts=attempts,
+    )  # fmt: skip
+    runs.write_run(run_dir, rec)
+    return run_id
+
+
+def test_logs_of_an_attempt_that_does_not_exist_names_the_attempts_and_exits_2(tmp_path: Path) -> None:
+    attempts = [
+        Attempt(number=1, job_id="5", attempt_key="5.0"),
+        Attempt(number=2, job_id="5", attempt_key="5.1", restart=1),
+        Attempt(number=3, job_id="9", attempt_key="9.0"),
+    ]
+    run_id = write_run_with_attempts(tmp_path, attempts)
+    result = runner.invoke(app, ["logs", run_id, "--attempt", "7", "--home", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: run {run_id} has attempts 1..3; no attempt 7 (see `moe-orch status {run_id}`)"
+    ]
+    assert "Traceback" not in result.output
+
+
+def test_logs_of_a_run_that_has_no_attempt_yet_says_so(tmp_path: Path) -> None:
+    run_id = write_run_with_attempts(tmp_path, [])
+    result = runner.invoke(app, ["logs", run_id, "--attempt", "1", "--home", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: run {run_id} has no attempts yet; no attempt 1 (see `moe-orch status {run_id}`)"
+    ]
+
+
+def test_logs_of_an_existing_attempt_without_output_is_empty_and_exits_0(tmp_path: Path) -> None:
+    run_id = write_run_with_attempts(tmp_path, [Attempt(number=1, job_id="5", attempt_key="5.0")])
+    result = runner.invoke(app, ["logs", run_id, "--attempt", "1", "--home", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""

@@ -273,3 +273,56 @@ def test_bad_data_line_is_reported_at_file_and_line(tmp_path: Path, qa_file: Pat
 def test_data_checks_can_be_skipped_for_a_config_whose_data_lives_on_the_cluster(tmp_path: Path) -> None:
     path, _ = write_config(tmp_path, {"data.train_file": "/cluster/only/data.jsonl"})
     assert validate_file(path, check_data=False).world_size == 2
+
+
+# Strings that must hold a value: "" or only whitespace is refused at the field's line.
+REQUIRED_STRINGS = ["name", "model.name_or_path", "data.train_file", "data.prompt_template"]
+# Strings that may be unset: unset means leaving the key out (or null), never "".
+OPTIONAL_STRINGS = [
+    "cluster.partition",
+    "cluster.account",
+    "cluster.qos",
+    "cluster.constraint",
+    "cluster.python",
+    "model.revision",
+    "data.eval_file",
+    "data.tokenizer",
+]
+
+
+@pytest.mark.parametrize("blank", ["", "  \t"], ids=["empty", "blank"])
+@pytest.mark.parametrize("field", REQUIRED_STRINGS)
+def test_an_empty_or_blank_required_string_is_refused_at_its_line(
+    tmp_path: Path, field: str, blank: str
+) -> None:
+    path, text = write_config(tmp_path, {field: blank})
+    with pytest.raises(ConfigError) as info:
+        validate_file(path)
+    (issue,) = info.value.issues
+    assert (issue.path, issue.file, issue.line) == (field, str(path), line_of(text, field))
+    assert issue.message == f"must not be empty or blank (got {blank!r})"
+    assert str(issue).startswith(f"{path}:{issue.line}: {field}: must not be empty")
+
+
+@pytest.mark.parametrize("blank", ["", " "], ids=["empty", "blank"])
+@pytest.mark.parametrize("field", OPTIONAL_STRINGS)
+def test_an_optional_string_set_to_empty_is_refused_with_how_to_leave_it_unset(
+    tmp_path: Path, field: str, blank: str
+) -> None:
+    path, text = write_config(tmp_path, {field: blank})
+    with pytest.raises(ConfigError) as info:
+        validate_file(path)
+    (issue,) = info.value.issues
+    assert (issue.path, issue.line) == (field, line_of(text, field))
+    assert "must not be empty or blank; leave the key out (or write null) to leave it unset" in issue.message
+
+
+def test_an_optional_string_set_to_null_is_unset(tmp_path: Path) -> None:
+    path, _ = write_config(tmp_path, dict.fromkeys(OPTIONAL_STRINGS))
+    assert validate_file(path).name == "rules"
+
+
+def test_set_with_an_empty_value_is_refused_like_the_file(tmp_path: Path) -> None:
+    path, _ = write_config(tmp_path, {})
+    with pytest.raises(ConfigError, match=r"model\.name_or_path: must not be empty"):
+        validate_file(path, ["model.name_or_path="])
