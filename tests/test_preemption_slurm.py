@@ -142,6 +142,32 @@ def test_usr2_mid_run_requeues_and_resumes_bitwise_equal_to_an_uninterrupted_run
     assert f"stop signal USR2: saving a checkpoint at step {stop_step}" in first_err, first_err[-2000:]
 
 
+def test_stop_signals_while_a_completed_run_leaves_do_not_fail_the_job(tmp_path: Path) -> None:
+    # A USR2 (time-limit warning, preemption) can land after the last step, while the ranks leave.
+    # A storm of them from the `exit completed` event until both processes are gone: the job must
+    # still end COMPLETED 0:0 in SLURM's records, not FAILED 12:0 (killed by signal 12 at exit).
+    run_id, run_dir = submit(tmp_path, "training.max_steps=60", "training.save_steps=1000")
+    job = _job(run_dir)
+    wait_step(run_dir, 1)
+    pids = [wait_for(f"rank {r}'s pid", lambda r=r: rank_pid(job, r), 30) for r in (0, 1)]  # type: ignore[misc]
+    wait_for("the exit event", lambda: events(run_dir, "exit"), 120, 0.01)
+    assert events(run_dir, "exit")[-1]["reason"] == "completed"
+    sent, alive = 0, list(pids)
+    while alive:
+        for pid in list(alive):
+            try:
+                os.kill(pid, signal.SIGUSR2)
+                sent += 1
+            except ProcessLookupError:
+                alive.remove(pid)
+        time.sleep(0.01)
+    assert sent > 0
+    record = wait_final(run_id, tmp_path, timeout=120)
+    assert record["state"] == "completed", record
+    row = wait_for("sacct's final row", lambda: [r for r in sacct_rows(job) if r["State"] != "RUNNING"], 60)
+    assert (row[-1]["State"], row[-1]["ExitCode"]) == ("COMPLETED", "0:0"), (row, sent)
+
+
 def test_scontrol_requeue_mid_run_saves_on_sigterm_and_resumes(tmp_path: Path) -> None:
     run_id, run_dir = submit(tmp_path, *LONG)
     job = _job(run_dir)

@@ -122,6 +122,18 @@ class SignalState:
             signal.signal(sig, self._on_stop)
         signal.signal(signal.SIGUSR1, self._on_save)
 
+    def ignore_from_now(self) -> None:
+        """The rank is leaving (training completed, or stopped after its save): a later USR2, TERM
+        or USR1 changes nothing, so ignore it until the process is gone.
+
+        NOTE: at interpreter shutdown CPython puts every Python-level handler back to SIG_DFL, so a
+        late USR2 (SLURM's time-limit warning, a preemption) killed the exiting rank with signal 12
+        and SLURM recorded a completed job as `FAILED 12:0`. SIG_IGN survives shutdown. A TERM that
+        must end the process anyway is followed by SLURM's (or torchrun's) SIGKILL.
+        """
+        for sig in (*STOP_SIGNALS, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+
     def take_save_request(self, run_dir: Path, check_file: bool) -> bool:
         """Whether a save was asked for (USR1, or SAVE_NOW when `check_file`); clears the request."""
         asked = self.save_requested

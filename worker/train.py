@@ -313,6 +313,8 @@ class Trainer:
                 last_saved = self.step
                 if red[5] > 0 and self.info.is_main:
                     clear_save_now(self.run_dir)
+        # Past the last step a stop signal changes nothing: the final save follows.
+        self.signals.ignore_from_now()
         self._log_eval()
         if last_saved != self.step:
             self.save()
@@ -330,6 +332,7 @@ class Trainer:
 
     def _stop(self, signal_name: str, last_saved: int) -> int:
         """Every rank: save together, then rank 0 reports, requeues, and all leave."""
+        self.signals.ignore_from_now()  # every rank agreed to stop: a second signal changes nothing
         logger.warning("stop signal %s: saving a checkpoint at step %d", signal_name, self.step)
         self.reporter.event("signal", signal=signal_name, step=self.step)
         if last_saved != self.step:
