@@ -414,7 +414,14 @@ def resume(run: RunArg, home: HomeOption = None) -> None:
 
 @app.command()
 def export(
-    run: RunArg,
+    run: Annotated[
+        str,
+        typer.Argument(
+            metavar="RUN",
+            help="A run id (or a unique prefix), or a run directory with checkpoints/, also one that "
+            "`python -m worker --run-dir DIR` (torchrun, sbatch.sh) trained without moe-orch.",
+        ),
+    ],
     out_dir: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for the Hugging Face model.", show_default=False)
     ],
@@ -425,7 +432,9 @@ def export(
     home: HomeOption = None,
 ) -> None:
     """Write a Hugging Face folder (weights, config, modeling code, tokenizer) from a checkpoint."""
-    run_dir = _find(home, run)
+    from orchestrator.runs import find_run_with_checkpoints
+
+    run_dir = _run_cli(lambda: find_run_with_checkpoints(home_dir(home), run))
 
     def _export() -> Path:
         # NOTE: imported here: the export needs torch and transformers, which the CLI never loads.

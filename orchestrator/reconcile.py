@@ -8,6 +8,12 @@ Sources, in order of trust:
    signal) and tells whether SLURM requeued the job.
 3. Time: an attempt that is gone from both squeue and sacct for `LOST_AFTER_S` is declared lost
    (sacct lags about a second behind a state change, so absence alone is not proof).
+4. srun's task reports (`slurm.task_exits`): a failed attempt's error names the rank that ended
+   first, on which node and how (`rank 1 on n2 was killed by signal 9 (SIGKILL)`), then what its
+   peers said (rank 0's `exit` event: typically gloo's "Connection reset by peer").
+
+An ended attempt whose job the scheduler still shows alive is `slurm_state` `finishing` (the ranks
+are leaving, sacct lags) until the scheduler's final state and exit code arrive.
 
 Budgets (`cluster.max_failures`, `max_preemptions`, `max_attempts_without_progress`) decide
 whether a run whose last attempt stopped without a requeue is `stopped` (watch/resume may
@@ -17,17 +23,19 @@ resubmit it) or `failed`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import runs
 from orchestrator.runs import Attempt, RunRecord
 from orchestrator.slurm import (
+    ALIVE_STATES,
     SUBMIT_SLACK_S,
     AcctRow,
     QueueRow,
     Snapshot,
+    TaskExit,
     expand_nodelist,
     rows_since,
     stop_reason_for,
@@ -178,8 +186,15 @@ def apply_scheduler(rec: RunRecord, snap: Snapshot, now: float) -> None:
             att.slurm_state = acct.state + (f" by {acct.cancelled_by}" if acct.cancelled_by else "")
             att.exit_code = acct.exit_code
         if att.state == "ended":
-            if q is not None and not q.alive and latest_of_job and acct is None:
-                att.slurm_state = q.state  # finished, sacct not there yet
+            if acct is None or not acct.final:
+                shown_alive = att.slurm_state is not None and att.slurm_state.split()[0] in ALIVE_STATES
+                if q is not None and not q.alive and latest_of_job:
+                    att.slurm_state = q.state  # finished, sacct not there yet
+                elif shown_alive or (att.slurm_state is None and latest_of_job and q is not None and q.alive):
+                    # NOTE: the worker's exit event comes before the scheduler's final record (the
+                    # ranks are still leaving; sacct lags about a second): an ended attempt is never
+                    # shown RUNNING.
+                    att.slurm_state = runs.SLURM_FINISHING
             if acct is not None and acct.state == "REQUEUED" and not att.requeued:
                 # SLURM requeued the job itself (`scontrol requeue`, preemption): the worker's
                 # exit event may say it could not requeue; the job comes back all the same.
@@ -220,6 +235,51 @@ def apply_scheduler(rec: RunRecord, snap: Snapshot, now: float) -> None:
             att.ended = now
             att.stop_reason = "failed"
             att.error = "the job vanished from squeue and sacct without an exit event"
+
+
+def explain_failure(reports: Sequence[TaskExit], worker_error: str | None) -> str | None:
+    """A failed attempt's error from srun's task reports (in the order the tasks ended) and rank 0's
+    own error (its `exit` event): the rank that ended first is the cause, the rest what followed.
+    None when the error already in the record says more."""
+    if not reports:
+        return None
+    cause, *rest = reports
+    if worker_error is not None:
+        if 0 in cause.ranks:
+            return None  # rank 0 ended first and said why (even if it then died at exit)
+        # NOTE: rank 0 writes the events, so its error is a symptom when another rank ended first
+        # (a dead peer shows as gloo's "Connection reset by peer ... GLHF!").
+        return f"{cause.describe()}; then rank 0: {worker_error}"
+    if not cause.died:
+        return None  # it exited with a code: its pickled traceback says why (status.result_error)
+    then = "; ".join(r.describe() for r in rest)
+    return cause.describe() + (f"; then {then}" if then else "")
+
+
+def apply_task_exits(
+    rec: RunRecord, task_exits: Mapping[str, Sequence[TaskExit]], worker_errors: Mapping[str, str]
+) -> None:
+    """Name the rank that ended first in each failed attempt (srun's reports, by job id)."""
+    for att in rec.attempts:
+        if att.state != "ended" or att.stop_reason != "failed" or not att.job_id:
+            continue
+        if att is not [a for a in rec.attempts if a.job_id == att.job_id][-1]:
+            continue  # srun's reports are those of the job's last run
+        explained = explain_failure(task_exits.get(att.job_id, ()), worker_errors.get(att.attempt_key or ""))
+        if explained:
+            att.error = explained
+
+
+def _worker_errors(events: list[dict[str, Any]]) -> dict[str, str]:
+    """The error of each attempt's `exit` event, by attempt key (rank 0's words)."""
+    key: str | None = None
+    out: dict[str, str] = {}
+    for ev in events:
+        if ev.get("event") == "start":
+            key = str(ev.get("attempt_key"))
+        elif ev.get("event") == "exit" and key is not None and ev.get("error"):
+            out[key] = str(ev["error"])
+    return out
 
 
 def apply_local(rec: RunRecord, alive: Mapping[str, bool], now: float) -> None:
@@ -344,13 +404,17 @@ def reconcile(
     local_alive: Mapping[str, bool] | None,
     budgets: Budgets,
     now: float,
+    task_exits: Mapping[str, Sequence[TaskExit]] | None = None,
 ) -> RunRecord:
     """Update `rec` in place (and return it). Gather `snapshot`/`local_alive` BEFORE reading
-    `events`, so an exit event written just before the process ended is never missed."""
+    `events`, so an exit event written just before the process ended is never missed.
+    `task_exits`: srun's task reports by job id (`slurm.task_exits`)."""
     apply_events(rec, events, progress)
     if rec.executor == "local":
         apply_local(rec, local_alive or {}, now)
     elif snapshot is not None:
         apply_scheduler(rec, snapshot, now)
+    if rec.executor == "slurm" and task_exits:
+        apply_task_exits(rec, task_exits, _worker_errors(events))
     derive_state(rec, budgets, job_alive(rec, snapshot, local_alive))
     return rec

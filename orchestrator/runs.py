@@ -45,6 +45,11 @@ STOP_REASONS = ("completed", "preempted", "timeout", "node_fail", "failed", "can
 FAILURE_REASONS = frozenset({"failed", "node_fail"})
 PREEMPTION_REASONS = frozenset({"preempted", "timeout"})
 
+SLURM_FINISHING = "finishing"
+"""An attempt's `slurm_state` after the worker's exit event while the scheduler still shows the run
+alive (the ranks are leaving; sacct lags about a second): lower case, as it is ours, not SLURM's.
+The scheduler's final state (and `exit_code`) replace it when its record arrives."""
+
 
 @dataclass
 class Attempt:
@@ -59,7 +64,9 @@ class Attempt:
     ended: float | None = None
     nodes: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
-    slurm_state: str | None = None  # last scheduler state seen (sacct/squeue), e.g. "NODE_FAIL"
+    # Last scheduler state seen (sacct/squeue), e.g. "NODE_FAIL"; SLURM_FINISHING between the
+    # worker's exit event and the scheduler's final record.
+    slurm_state: str | None = None
     state: str = PENDING  # pending | running | ended
     stop_reason: str | None = None
     exit_code: str | None = None
@@ -164,6 +171,29 @@ def find_run(home: Path, spec: str) -> Path:
         raise RunNotFoundError(f"no run {spec!r} under {home} (recent runs: {known}); see `moe-orch status`")
     names = ", ".join(p.name for p in matches)
     raise RunNotFoundError(f"{spec!r} matches several runs ({names}); give more of the run id")
+
+
+def find_run_with_checkpoints(home: Path, spec: str) -> Path:
+    """The run directory `export` reads: a folder holding `checkpoints/`, else a run as `find_run`
+    finds it (a folder with run.json, a run id or a unique prefix under `home`).
+
+    A worker started by hand (`python -m worker --run-dir DIR`, torchrun, the rendered sbatch.sh)
+    writes run.yaml, tokenizer/ and checkpoints/ but no run.json: its folder is a run directory too.
+    """
+    from worker.checkpoint import checkpoints_dir  # file-level: no torch
+
+    direct = Path(spec).expanduser()
+    if checkpoints_dir(direct).is_dir():
+        return direct.resolve()
+    try:
+        return find_run(home, spec)
+    except RunNotFoundError:
+        if direct.is_dir():
+            raise RunNotFoundError(
+                f"{direct} has no checkpoints/ folder, so there is nothing to export; give a run "
+                f"directory whose training has saved a checkpoint, or a run id under {home}"
+            ) from None
+        raise
 
 
 # --- the record on disk ----------------------------------------------------------------------

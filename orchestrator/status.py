@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import runs
+from orchestrator import runs, slurm
 from orchestrator.reconcile import Budgets, reconcile
 from orchestrator.runs import RunRecord
 from orchestrator.slurm import FINAL_STATES as FINAL_SLURM_STATES
@@ -60,15 +60,18 @@ class RunView:
 
 
 SETTLE_S = 600.0
-"""After a run ends, keep asking the scheduler this long for its final state (COMPLETING ->
-COMPLETED; sacct rows arrive about a second after the state change)."""
+"""After a run ends, keep asking the scheduler this long for its final state and exit code
+(`finishing` -> COMPLETED; sacct rows arrive about a second after the state change)."""
 
 
 def _settling(rec: RunRecord) -> bool:
     cur = rec.current
     if cur is None or not cur.job_id or cur.ended is None:
         return False
-    settled = cur.slurm_state is not None and cur.slurm_state.split()[0] in FINAL_SLURM_STATES
+    # NOTE: squeue shows a finished job's final state before sacct has its row, and only sacct
+    # gives the exit code.
+    final = cur.slurm_state is not None and cur.slurm_state.split()[0] in FINAL_SLURM_STATES
+    settled = final and cur.exit_code is not None
     return not settled and time.time() - cur.ended < SETTLE_S
 
 
@@ -78,7 +81,6 @@ def _needs_scheduler(rec: RunRecord) -> bool:
 
 def poll(run_dirs: list[Path], *, now: float | None = None) -> list[RunView]:
     """Refresh every run in `run_dirs` (one scheduler query for all) and return their views."""
-    from orchestrator import slurm
     from orchestrator.control import local_alive
 
     records = []
@@ -118,6 +120,7 @@ def poll(run_dirs: list[Path], *, now: float | None = None) -> list[RunView]:
                 local_alive=alive,
                 budgets=Budgets.from_dict(r.budgets),
                 now=stamp,
+                task_exits=_task_exits(r, d),
             )
             _attach_result_errors(r, d)
 
@@ -128,6 +131,15 @@ def poll(run_dirs: list[Path], *, now: float | None = None) -> list[RunView]:
             _refresh(rec)
         views.append(RunView(d, rec, runs.read_progress(d), snap))
     return views
+
+
+def _task_exits(rec: RunRecord, run_dir: Path) -> dict[str, list[slurm.TaskExit]]:
+    """srun's task reports of each job that is running or failed (a file read per job, usually of
+    an empty file)."""
+    if rec.executor != "slurm":
+        return {}
+    jobs = {a.job_id for a in rec.attempts if a.job_id and (a.state != "ended" or a.stop_reason == "failed")}
+    return {job: reports for job in jobs if (reports := slurm.task_exits(run_dir, job))}
 
 
 def result_error(run_dir: Path, job_id: str) -> str | None:
@@ -251,8 +263,10 @@ def detail_lines(detail: dict[str, Any]) -> list[str]:
     for att in detail.get("attempts", []):
         nodes = ",".join(att["nodes"]) or "-"
         sched = att["slurm_state"] or "-"
-        if att["state"] == "ended" and sched.split()[0] in ("RUNNING", "COMPLETING"):
-            # The worker's exit event arrives before the scheduler's record catches up (sacct lag).
+        if sched == runs.SLURM_FINISHING:
+            sched = f"{sched} (the worker exited; the scheduler's final record is not in yet)"
+        elif att["state"] == "ended" and sched.split()[0] in ("RUNNING", "COMPLETING"):
+            # A record written before `finishing` existed (sacct lag).
             sched = f"{sched} (last seen; the job is finishing)"
         lines.append(
             f"  attempt {att['number']}: job {att['job_id']} ({att['attempt_key'] or 'not started'}) "

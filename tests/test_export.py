@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import socket
@@ -12,13 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import moe_orch
 
 from orchestrator.config import RunConfig
 from orchestrator.configfile import dump_config
-from orchestrator.errors import CheckpointError, ExportError
+from orchestrator.errors import CheckpointError, ExportError, RunNotFoundError
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny-cpu.yaml"
 TEXTS = [f"Question: what is {a} plus {b}?\nAnswer: {a + b}" for a in range(40) for b in range(5)]
+# What transformers prints (on stdout, then waits up to 15 s) before it runs a folder's own code.
+REMOTE_CODE_PROMPT = "Do you wish to run the custom code?"
+TRANSFORMERS_MAJOR = int(importlib.metadata.version("transformers").split(".")[0])
 
 
 def _free_port() -> int:
@@ -195,11 +201,13 @@ def _load_in_clean_process(tmp: Path, out: Path, expected: Path, trust_remote_co
         [sys.executable, str(script), str(REPO), str(out), str(expected), "1" if trust_remote_code else "0"],
         cwd=tmp,
         env=_env(HF_MODULES_CACHE=str(tmp / "hf_modules")),
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert REMOTE_CODE_PROMPT not in proc.stdout + proc.stderr
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     result: dict[str, Any] = json.loads(line[len("RESULT ") :])
     return result
@@ -334,3 +342,187 @@ def test_cli_export_refuses_a_run_without_a_valid_checkpoint_in_one_line_with_ex
     assert "run run-y has no valid checkpoint to export (checkpoints there: step-000004)" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "hf").exists()
+
+
+# --- a run directory trained without moe-orch; a tokenizer that needs no remote code --------------
+
+
+@pytest.fixture(scope="module")
+def hand_started_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder `python -m worker --config tiny-cpu.yaml --run-dir DIR` leaves (torchrun and a
+    hand-run sbatch.sh leave the same): run.yaml, tokenizer/ and checkpoints/, but no run.json,
+    since moe-orch never saw the run. The tiny MoE, one rank, 2 steps, one checkpoint."""
+    run_dir = tmp_path_factory.mktemp("by-hand") / "run"
+    sets = ["cluster.tasks_per_node=1", "moe.ep_size=1", "training.max_steps=2", "training.save_steps=2"]
+    cmd = [sys.executable, "-m", "worker", "--config", str(TINY), "--run-dir", str(run_dir)]
+    for item in sets:
+        cmd += ["--set", item]
+    env = _env()
+    env.pop("MOE_ORCH_FAULT", None)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert not (run_dir / "run.json").exists()
+    assert (run_dir / "checkpoints" / "step-000002" / "manifest.json").is_file()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def hand_started_export(hand_started_run: Path) -> Path:
+    from worker.export import export_run
+
+    return export_run(hand_started_run, hand_started_run.parent / "hf")
+
+
+@pytest.mark.slow
+def test_cli_exports_the_run_directory_of_a_worker_started_by_hand(
+    hand_started_run: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "hf"
+    result = moe_orch("export", str(hand_started_run), "--out", str(out), home=tmp_path / "no-runs-here")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"wrote {out}" in result.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "mpt_moe" and config["num_experts"] == 4
+    assert (out / "model.safetensors").is_file()
+
+
+def test_cli_export_takes_a_run_directory_without_run_json_to_its_checkpoints(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    run_dir = tmp_path / "run-z"
+    (run_dir / "checkpoints" / "step-000004").mkdir(parents=True)
+    (run_dir / "run.yaml").write_text(dump_config(_tiny_config(enabled=False)))
+    result = CliRunner().invoke(
+        app, ["export", str(run_dir), "--out", str(tmp_path / "hf"), "--home", str(tmp_path / "runs")]
+    )
+    # It gets past the lookup: the export itself finds that step-000004 has no manifest.
+    assert result.exit_code == 2
+    assert "run run-z has no valid checkpoint to export (checkpoints there: step-000004)" in result.output
+
+
+def test_cli_export_refuses_a_folder_without_checkpoints_in_one_line_naming_it_with_exit_code_2(
+    tmp_path: Path,
+) -> None:
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    run_dir = tmp_path / "not-trained-yet"
+    run_dir.mkdir()
+    (run_dir / "run.yaml").write_text(dump_config(_tiny_config(enabled=False)))
+    home, out = tmp_path / "runs", tmp_path / "hf"
+    result = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(out), "--home", str(home)])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        f"error: {run_dir} has no checkpoints/ folder, so there is nothing to export; give a run "
+        f"directory whose training has saved a checkpoint, or a run id under {home}"
+    ]
+    assert not out.exists()
+
+
+def test_export_finds_a_run_by_id_prefix_or_folder_and_a_hand_started_run_by_its_folder(
+    tmp_path: Path,
+) -> None:
+    from orchestrator.runs import find_run_with_checkpoints
+
+    home = tmp_path / "runs"
+    recorded = home / "tiny-20261128-100000-0001"
+    recorded.mkdir(parents=True)
+    (recorded / "run.json").write_text("{}")
+    by_hand = tmp_path / "by-hand"
+    (by_hand / "checkpoints").mkdir(parents=True)
+
+    assert find_run_with_checkpoints(home, "tiny-20261128-100000-0001") == recorded
+    assert find_run_with_checkpoints(home, "tiny-") == recorded
+    assert find_run_with_checkpoints(home, str(recorded)) == recorded
+    assert find_run_with_checkpoints(home, str(by_hand)) == by_hand
+    with pytest.raises(RunNotFoundError, match="no run 'nothing-here' under"):
+        find_run_with_checkpoints(home, "nothing-here")
+
+
+def test_the_tiny_runs_tokenizer_is_saved_as_a_plain_fast_tokenizer(tmp_path: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    from worker.tokenizer import load_or_train_tokenizer
+
+    cfg = _tiny_config(enabled=False)
+    save_dir = tmp_path / "tokenizer"
+    load_or_train_tokenizer(cfg, TEXTS, save_dir)
+
+    # NOTE: transformers 5 would write its own `TokenizersBackend`, a class transformers 4 lacks.
+    saved = json.loads((save_dir / "tokenizer_config.json").read_text())
+    assert saved["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (save_dir / "tokenizer.json").is_file()
+    reloaded = load_or_train_tokenizer(cfg, [], save_dir, train_if_missing=False)
+    assert isinstance(reloaded, PreTrainedTokenizerFast) and reloaded.eos_token == "<|endoftext|>"
+
+
+# Loads an exported tokenizer as a user would, with stdin closed: a "run custom code? [y/N]" prompt
+# shows in the output (on a terminal it would wait for an answer).
+TOKENIZER_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import transformers
+
+    folder, loader = sys.argv[1], sys.argv[2]
+    tokenizer = getattr(transformers, loader).from_pretrained(folder)
+    ids = tokenizer("Question: what is 2 plus 3?")["input_ids"]
+    print("RESULT " + json.dumps({"decoded": tokenizer.decode(ids), "eos": tokenizer.eos_token}))
+    """
+)
+
+
+def _load_tokenizer_with_stdin_closed(tmp: Path, folder: Path, loader: str) -> tuple[dict[str, Any], str]:
+    """`transformers.<loader>.from_pretrained(folder)` (no trust_remote_code) in a fresh process:
+    (its result, everything it printed)."""
+    script = tmp / "load_tokenizer.py"
+    script.write_text(TOKENIZER_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(folder), loader],
+        cwd=tmp,
+        env=_env(HF_MODULES_CACHE=str(tmp / "hf_modules")),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    result: dict[str, Any] = json.loads(line[len("RESULT ") :])
+    return result, output
+
+
+@pytest.mark.slow
+def test_the_moe_exports_tokenizer_is_a_plain_fast_tokenizer_that_runs_no_remote_code(
+    hand_started_export: Path, tmp_path: Path
+) -> None:
+    saved = json.loads((hand_started_export / "tokenizer_config.json").read_text())
+    assert saved["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert "auto_map" not in saved and not list(hand_started_export.glob("tokenization_*.py"))
+
+    loader = "PreTrainedTokenizerFast"  # what the folder's tokenizer_config.json names
+    result, output = _load_tokenizer_with_stdin_closed(tmp_path, hand_started_export, loader)
+
+    assert REMOTE_CODE_PROMPT not in output
+    assert result == {"decoded": "Question: what is 2 plus 3?", "eos": "<|endoftext|>"}
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    TRANSFORMERS_MAJOR >= 5,
+    strict=True,
+    reason="transformers 5's AutoTokenizer loads config.json through AutoConfig before it reads "
+    "tokenizer_class, and an MoE folder's config names its own code (auto_map): it asks, then falls "
+    "back. Use trust_remote_code=True or PreTrainedTokenizerFast there. transformers 4 does not ask.",
+)
+def test_auto_tokenizer_loads_the_moe_exports_tokenizer_without_asking_to_run_custom_code(
+    hand_started_export: Path, tmp_path: Path
+) -> None:
+    result, output = _load_tokenizer_with_stdin_closed(tmp_path, hand_started_export, "AutoTokenizer")
+
+    assert REMOTE_CODE_PROMPT not in output
+    assert result == {"decoded": "Question: what is 2 plus 3?", "eos": "<|endoftext|>"}

@@ -15,7 +15,7 @@ from orchestrator import runs
 from orchestrator.errors import RunNotFoundError
 from orchestrator.reconcile import Budgets, check_budgets, reconcile
 from orchestrator.runs import Attempt, RunRecord
-from orchestrator.slurm import Snapshot, parse_sacct, parse_squeue
+from orchestrator.slurm import Snapshot, parse_sacct, parse_squeue, parse_task_exits
 
 NOW = time.time()
 
@@ -71,6 +71,7 @@ def refresh(rec: RunRecord, events: list[dict[str, Any]], snap: Snapshot | None,
         local_alive=kw.get("local_alive"),
         budgets=Budgets.from_dict(rec.budgets),
         now=kw.get("now", NOW),
+        task_exits=kw.get("task_exits"),
     )
 
 
@@ -353,3 +354,183 @@ def test_a_rank_that_died_before_the_worker_started_shows_its_error(tmp_path: Pa
     (view,) = poll([tmp_path])
     assert view.record.state == runs.FAILED
     assert view.record.attempts[0].error == "ModuleNotFoundError: No module named 'worker' (rank 1)"
+
+
+# --- a rank that died: the cause, then its peers' symptoms -------------------------------------
+
+GLOO_RESET = (
+    "RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+    "[127.0.0.1]:43416: Connection reset by peer. This is typically caused by a remote worker hanging "
+    "or bugs in the application. Check the logs of the remote worker before reporting an error. GLHF!"
+)
+# What `kill -9` of rank 1's python on n2 left (localhost SLURM 22.05): sacct's job row, and srun's
+# report in the batch script's stderr (`logs/<job>_sbatch.err`).
+KILLED_SACCT = f"5|FAILED|9:0|{SUB}|{SUB}|{SUB}|n[1-2]\n"
+KILLED_SRUN = (
+    "srun: error: n2: task 1: Killed\n"
+    "srun: error: n1: task 0: Exited with exit code 1\n"
+    "srun: Force Terminated StepId=5.0\n"
+)
+
+
+def failed_exit(error: str | None, step: int = 88) -> dict[str, Any]:
+    return {**exit_("failed", step), "error": error}
+
+
+def test_a_killed_rank_is_the_cause_and_its_peers_error_the_consequence(tmp_path: Path) -> None:
+    rec = make_record(tmp_path)
+    rec.attempts.append(Attempt(number=1, job_id="5", submitted=NOW - 60))
+    events = [start("5"), failed_exit(GLOO_RESET)]
+    task_exits = {"5": parse_task_exits(KILLED_SRUN)}
+    for _ in range(2):  # each poll reconciles again: the same words, not a growing prefix
+        refresh(rec, events, snapshot("", KILLED_SACCT), task_exits=task_exits)
+    att = rec.attempts[0]
+    assert att.error == f"rank 1 on n2 was killed by signal 9 (SIGKILL); then rank 0: {GLOO_RESET}"
+    assert (att.stop_reason, att.slurm_state, att.exit_code) == ("failed", "FAILED", "9:0")
+    assert rec.state == runs.STOPPED
+    assert rec.state_reason == f"attempt 1 failed: {att.error}"
+
+
+def test_a_killed_rank_0_is_named_with_what_its_peers_did_next(tmp_path: Path) -> None:
+    rec = make_record(tmp_path)
+    rec.attempts.append(Attempt(number=1, job_id="5", submitted=NOW - 60))
+    srun = "srun: error: n1: task 0: Killed\nsrun: error: n2: task 1: Exited with exit code 1\n"
+    # Rank 0 writes the events: a SIGKILL leaves no exit event, only sacct's FAILED row.
+    for _ in range(2):
+        refresh(rec, [start("5")], snapshot("", KILLED_SACCT), task_exits={"5": parse_task_exits(srun)})
+    assert rec.attempts[0].error == (
+        "rank 0 on n1 was killed by signal 9 (SIGKILL); then rank 1 on n2 exited with code 1"
+    )
+
+
+def test_a_rank_that_raised_while_its_peers_waited_is_named_before_their_error(tmp_path: Path) -> None:
+    rec = make_record(tmp_path)
+    rec.attempts.append(Attempt(number=1, job_id="5", submitted=NOW - 60))
+    srun = (
+        "srun: error: n2: task 1: Exited with exit code 1\nsrun: error: n1: task 0: Exited with exit code 1\n"
+    )
+    task_exits = {"5": parse_task_exits(srun)}
+    refresh(rec, [start("5"), failed_exit(GLOO_RESET)], snapshot("", KILLED_SACCT), task_exits=task_exits)
+    assert rec.attempts[0].error == f"rank 1 on n2 exited with code 1; then rank 0: {GLOO_RESET}"
+
+
+@pytest.mark.parametrize(
+    "srun",
+    [
+        "srun: error: n[1-2]: tasks 0-1: Exited with exit code 1\n",
+        # it wrote its exit event, then aborted while exiting (seen after signalled stops)
+        "srun: error: n1: task 0: Aborted\nsrun: error: n2: task 1: Exited with exit code 1\n",
+    ],
+)
+def test_rank_0_failing_by_itself_keeps_its_own_error(tmp_path: Path, srun: str) -> None:
+    rec = make_record(tmp_path)
+    rec.attempts.append(Attempt(number=1, job_id="5", submitted=NOW - 60))
+    error = "ValueError: bad batch"
+    task_exits = {"5": parse_task_exits(srun)}
+    refresh(rec, [start("5"), failed_exit(error)], snapshot("", KILLED_SACCT), task_exits=task_exits)
+    assert rec.attempts[0].error == error
+
+
+def test_status_names_the_killed_rank_from_the_batch_stderr_with_one_squeue_and_one_sacct(
+    tmp_path: Path,
+) -> None:
+    from fakes import FakeSlurm
+
+    from orchestrator.status import detail_lines, poll, run_detail
+
+    fake = FakeSlurm(first_job_id=5)
+    with fake.context():
+        fake._sbatch(["x"])
+    fake.set_state("5", None)  # gone from squeue
+    fake.add_acct("5", "FAILED", "9:0")
+    rec = make_record(tmp_path)
+    rec.attempts.append(Attempt(number=1, job_id="5", submitted=NOW - 60))
+    runs.write_run(tmp_path, rec)
+    events = [start("5"), failed_exit(GLOO_RESET)]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "5_sbatch.err").write_text(KILLED_SRUN)
+    with fake.context():
+        (view,) = poll([tmp_path])
+    assert (fake.count("squeue"), fake.count("sacct")) == (1, 1)
+    cause = "rank 1 on n2 was killed by signal 9 (SIGKILL); then rank 0: RuntimeError:"
+    assert runs.read_run(tmp_path).attempts[0].error.startswith(cause)  # type: ignore[union-attr]
+    assert run_detail(view)["attempts"][0]["error"].startswith(cause)
+    assert f"      error: {cause}" in "\n".join(detail_lines(run_detail(view)))
+
+
+# --- an ended attempt while the scheduler catches up (sacct lag) -------------------------------
+
+
+RUNNING_ROW = f"5|RUNNING|0:0|{SUB}|{SUB}|Unknown|n[1-2]\n"  # sacct, while the job runs
+
+
+def test_an_attempt_whose_worker_exited_is_finishing_until_the_scheduler_records_its_end(
+    tmp_path: Path,
+) -> None:
+    rec = make_record(tmp_path)
+    rec.attempts.append(Attempt(number=1, job_id="5", submitted=NOW - 60))
+    running = snapshot(f"5|RUNNING|None|n[1-2]|{SUB}|{SUB}\n", RUNNING_ROW)
+    refresh(rec, [start("5")], running)
+    assert rec.attempts[0].slurm_state == "RUNNING"
+    # The worker wrote its exit event; the ranks are still leaving, and sacct still says RUNNING.
+    events = [start("5"), exit_("completed", 8)]
+    refresh(rec, events, running)
+    att = rec.attempts[0]
+    assert (att.state, att.slurm_state, att.exit_code) == ("ended", runs.SLURM_FINISHING, None)
+    assert rec.state == runs.COMPLETED
+    refresh(rec, events, snapshot(f"5|COMPLETING|None|n[1-2]|{SUB}|{SUB}\n", RUNNING_ROW))
+    assert att.slurm_state == runs.SLURM_FINISHING
+    # The scheduler's final record arrives: its state and exit code replace the label.
+    completed = f"5|COMPLETED|0:0|{SUB}|{SUB}|{SUB}|n[1-2]\n"
+    refresh(rec, events, snapshot(f"5|COMPLETED|None|n[1-2]|{SUB}|{SUB}\n", completed))
+    assert (att.slurm_state, att.exit_code) == ("COMPLETED", "0:0")
+
+
+def test_a_requeued_attempt_is_not_shown_running_while_the_next_run_of_its_job_is(tmp_path: Path) -> None:
+    rec = make_record(tmp_path)
+    rec.attempts.append(Attempt(number=1, job_id="5", submitted=NOW - 60))
+    running = snapshot(f"5|RUNNING|None|n[1-2]|{SUB}|{SUB}\n")
+    refresh(rec, [start("5")], running)
+    events = [start("5"), exit_("preempted", 30, requeued=True), start("5", restart=1, t=NOW - 5)]
+    refresh(rec, events, running)  # sacct has no row for either run yet
+    first, second = rec.attempts
+    assert (first.slurm_state, second.slurm_state) == (runs.SLURM_FINISHING, "RUNNING")
+
+
+def test_status_json_and_text_agree_on_a_finishing_attempt_and_keep_asking_for_its_exit_code(
+    tmp_path: Path,
+) -> None:
+    from fakes import FakeSlurm
+
+    from orchestrator.status import detail_lines, poll, run_detail
+
+    fake = FakeSlurm(first_job_id=5)
+    with fake.context():
+        fake._sbatch(["x"])
+    fake.set_state("5", "RUNNING")
+    fake.add_acct("5", "RUNNING")
+    rec = make_record(tmp_path)
+    rec.attempts.append(Attempt(number=1, job_id="5", submitted=NOW - 60))
+    runs.write_run(tmp_path, rec)
+    events = tmp_path / "events.jsonl"
+    events.write_text(json.dumps(start("5")) + "\n")
+    with fake.context():
+        poll([tmp_path])
+        with events.open("a") as f:
+            f.write(json.dumps(exit_("completed", 8)) + "\n")
+        (view,) = poll([tmp_path])
+        detail = run_detail(view)
+        (shown,) = detail["attempts"]
+        assert detail["state"] == runs.COMPLETED
+        assert (shown["slurm_state"], shown["exit_code"]) == ("finishing", None)
+        assert "scheduler finishing" in "\n".join(detail_lines(detail))
+        # squeue says COMPLETED before sacct has the row: keep asking until the exit code is in.
+        fake.set_state("5", "COMPLETED")
+        fake.jobs["5"].acct.clear()
+        (view,) = poll([tmp_path])
+        assert view.record.attempts[0].slurm_state == "COMPLETED"
+        fake.add_acct("5", "COMPLETED", "0:0")
+        (view,) = poll([tmp_path])
+    final = run_detail(view)["attempts"][0]
+    assert (final["slurm_state"], final["exit_code"]) == ("COMPLETED", "0:0")

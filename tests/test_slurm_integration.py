@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import cluster_up, events, moe_orch, status_json, wait_step
+from helpers import cluster_up, events, moe_orch, status_json, wait_for, wait_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,25 @@ def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     home = tmp_path_factory.mktemp("slurm-home")
     res = moe_orch("submit", "configs/tiny-slurm.yaml", "--set", "training.max_steps=8", "--wait", home=home)
     yield home, (res.stdout.splitlines() or [""])[0], res
+
+
+def test_a_just_completed_attempt_is_finishing_until_the_scheduler_records_its_exit_code(
+    completed_run: Run,
+) -> None:
+    # NOTE: first in this module, so this is the first `status` after `submit --wait` returned: the
+    # worker's exit event is in, and the ranks are usually still leaving (sacct lags besides).
+    home, run_id, res = completed_run
+    assert res.returncode == 0, res.stdout + res.stderr
+    (attempt,) = status_json(run_id, home)["attempts"]
+    assert attempt["state"] == "ended"
+    shown = (attempt["slurm_state"], attempt["exit_code"])
+    assert shown in (("finishing", None), ("COMPLETED", None), ("COMPLETED", "0:0")), shown
+
+    def final_record() -> tuple[str, str] | None:
+        (att,) = status_json(run_id, home)["attempts"]
+        return (att["slurm_state"], att["exit_code"]) if att["exit_code"] is not None else None
+
+    assert wait_for("the scheduler's final record", final_record, 60, 1) == ("COMPLETED", "0:0")
 
 
 def test_two_node_expert_parallel_run_completes(completed_run: Run) -> None:

@@ -12,6 +12,7 @@ from orchestrator.slurm import (
     expand_nodelist,
     parse_sacct,
     parse_squeue,
+    parse_task_exits,
     rows_since,
     split_state,
     stop_reason_for,
@@ -165,3 +166,74 @@ def test_status_poll_does_not_import_torch() -> None:
         "assert 'torch' not in sys.modules and 'deepspeed' not in sys.modules, 'heavy import'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- srun's report of the tasks that ended badly (the batch script's stderr) ---------------------
+
+# `logs/<job>_sbatch.err` after `kill -9` of rank 1's python on n2 (localhost SLURM 22.05); sacct
+# had only `2|FAILED|9:0` (job), `2.batch|FAILED|9:0` and `2.0|FAILED|1:0` (the step keeps the
+# highest task exit code: the signal is lost), so the rank, its node and the signal come from here.
+KILLED_RANK_1_AFTER_A_REQUEUE = """\
+slurmstepd-n1: error: *** JOB 2 ON n1 CANCELLED AT 2026-11-29T12:05:55 DUE TO JOB REQUEUE ***
+srun: Job step aborted: Waiting up to 12 seconds for job step to finish.
+srun: got SIGCONT
+srun: forcing job termination
+srun: error: n2: task 1: Killed
+srun: error: n1: task 0: Exited with exit code 1
+srun: Force Terminated StepId=2.0
+"""
+
+
+@pytest.mark.parametrize(
+    ("line", "ranks", "signal", "exit_code", "described"),
+    [
+        ("srun: error: n2: task 1: Killed", [1], 9, None, "rank 1 on n2 was killed by signal 9 (SIGKILL)"),
+        ("srun: error: n1: task 0: Exited with exit code 1", [0], None, 1, "rank 0 on n1 exited with code 1"),
+        (
+            "srun: error: gpu[01-02]: tasks 0-2,7: Segmentation fault (core dumped)",
+            [0, 1, 2, 7],
+            11,
+            None,
+            "ranks 0-2,7 on gpu[01-02] were killed by signal 11 (SIGSEGV), core dumped",
+        ),
+        ("srun: error: n2: task 3: Aborted", [3], 6, None, "rank 3 on n2 was killed by signal 6 (SIGABRT)"),
+        ("srun: error: n2: task 1: Out Of Memory", [1], None, None, "rank 1 on n2 ran out of memory"),
+    ],
+)
+def test_srun_says_which_rank_on_which_node_ended_and_how(
+    line: str, ranks: list[int], signal: int | None, exit_code: int | None, described: str
+) -> None:
+    (report,) = parse_task_exits(line + "\n")
+    assert (report.ranks, report.signal, report.exit_code) == (ranks, signal, exit_code)
+    assert report.describe() == described
+
+
+def test_srun_reports_come_in_the_order_the_tasks_ended() -> None:
+    reports = parse_task_exits(KILLED_RANK_1_AFTER_A_REQUEUE)
+    assert [r.describe() for r in reports] == [
+        "rank 1 on n2 was killed by signal 9 (SIGKILL)",
+        "rank 0 on n1 exited with code 1",
+    ]
+
+
+def test_srun_reports_of_an_earlier_run_of_a_requeued_job_are_left_out() -> None:
+    # `--open-mode=append`: every run of a requeued job writes to the same file.
+    text = (
+        "srun: error: n2: task 1: Killed\n"
+        "slurmstepd-n1: error: *** JOB 2 ON n1 CANCELLED AT 2026-11-29T12:05:55 DUE TO PREEMPTION ***\n"
+        "srun: error: n1: task 0: Exited with exit code 3\n"
+    )
+    assert [r.describe() for r in parse_task_exits(text)] == ["rank 0 on n1 exited with code 3"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "slurmstepd-n1: error: *** JOB 2 ON n1 CANCELLED AT 2026-11-29T12:05:55 DUE TO JOB REQUEUE ***\n"
+        "srun: Job step aborted: Waiting up to 12 seconds for job step to finish.\n",
+        "srun: error: n2: task 1: Killed\nsrun: error: Node failure on n2\n",
+    ],
+)
+def test_a_run_that_no_task_ended_badly_has_no_reports(text: str) -> None:
+    assert parse_task_exits(text) == []

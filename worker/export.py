@@ -190,6 +190,7 @@ def export_checkpoint(ckpt_dir: Path, run_config: RunConfig, tokenizer_dir: Path
     from transformers import AutoTokenizer, GenerationConfig
 
     from worker.hf_moe import HF_MOE_DIR, MODEL_FILES
+    from worker.tokenizer import write_tokenizer
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     raw = read_checkpoint_state(ckpt_dir)
@@ -226,7 +227,7 @@ def export_checkpoint(ckpt_dir: Path, run_config: RunConfig, tokenizer_dir: Path
     tmp = _prepare_out_dir(out_dir)
     try:
         model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        write_tokenizer(tokenizer, tmp)
         if moe_blocks:
             for name in MODEL_FILES:
                 shutil.copy2(HF_MOE_DIR / name, tmp / name)

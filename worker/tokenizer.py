@@ -14,10 +14,16 @@ Contract:
   `<|endoftext|>` as eos and pad; it is deterministic, so the same texts give the same vocab.
 - Several ranks: `load_or_train_tokenizer_on_ranks` lets rank 0 train and save while the others
   wait at a barrier, then load what it saved.
+- Saved folders (the run's `tokenizer/` and the export, `write_tokenizer`) hold `tokenizer.json`
+  and a `tokenizer_config.json` that names its class: transformers 5 writes its generic
+  `TokenizersBackend`, which transformers 4 cannot load, so that one is saved as
+  `PreTrainedTokenizerFast` (the same class in 5). A named class lets transformers 4's
+  `AutoTokenizer` skip `config.json`, so an MoE export's tokenizer loads without remote code.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -30,12 +36,15 @@ from orchestrator.config import RunConfig
 from orchestrator.errors import MoeOrchError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 SAVED_MARKER = "tokenizer_config.json"
+PLAIN_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+# transformers 5's name for a tokenizer defined by tokenizer.json alone; transformers 4 has no such class.
+_GENERIC_TOKENIZER_CLASSES = frozenset({"TokenizersBackend"})
 
 
 class TokenizerError(MoeOrchError):
@@ -102,12 +111,23 @@ def _ensure_pad(tokenizer: PreTrainedTokenizerFast, source: str) -> PreTrainedTo
     return tokenizer
 
 
+def write_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """`save_pretrained` into `folder`, with `tokenizer_config.json` naming a class that every
+    transformers version loads (see the module docstring)."""
+    tokenizer.save_pretrained(str(folder))
+    config_file = folder / SAVED_MARKER
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") in (None, *_GENERIC_TOKENIZER_CLASSES):
+        config["tokenizer_class"] = PLAIN_TOKENIZER_CLASS
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, save_dir: Path) -> None:
     """Save into `save_dir` atomically: written beside it, then renamed into place."""
     save_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.tmp-", dir=save_dir.parent))
     try:
-        tokenizer.save_pretrained(str(tmp))
+        write_tokenizer(tokenizer, tmp)
         if save_dir.is_dir() and not any(save_dir.iterdir()):
             save_dir.rmdir()
         os.replace(tmp, save_dir)
