@@ -7,6 +7,7 @@ importable by `cluster.python`. torch is imported only by the worker, after the 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -44,9 +45,14 @@ def run_worker(run_yaml: str, run_dir: str, env: Mapping[str, str]) -> int:
     line = marker_line(attempt_key(), rank)
     print(line, flush=True)
     print(line, file=sys.stderr, flush=True)
-    from worker.__main__ import main  # imported here: torch is heavy and set up by the env above
+    # imported here: torch is heavy and set up by the env above
+    from worker.__main__ import exit_process, main
 
     code = main(["--config", run_yaml, "--run-dir", run_dir])
+    # NOTE: submitit writes its result pickle after we return; then the process must end without
+    # the interpreter's teardown, which can abort (SIGABRT, exit 134) on a gloo thread
+    # (worker.__main__.exit_process). atexit runs while the interpreter is still whole.
+    atexit.register(exit_process, 0 if code in (0, EXIT_STOPPED) else 1)
     if code in (0, EXIT_STOPPED):
         # 75: stopped on a signal after a durable checkpoint (requeued, or resumable): not an error.
         return code
