@@ -50,7 +50,7 @@ MIB = 1024 * 1024
 def model_config(model: str) -> tuple[Any, int]:
     """(RunConfig, vocab size) of a named model: the shipped tiny-cpu config, or train_step's shapes."""
     if model == "tiny-cpu":
-        from orchestrator.configfile import load_config
+        from orchestrator.spec.loading import load_config
 
         cfg = load_config(REPO / "configs" / "tiny-cpu.yaml")
         return cfg, cfg.model.tiny.vocab_size
@@ -93,7 +93,7 @@ def _rank_main(rank: int, port: int, model: str, repeats: int, run_dir: str, out
     import torch.distributed as dist
     from deepspeed.moe.utils import is_moe_param
 
-    from orchestrator.render import deepspeed_config
+    from orchestrator.spec.deepspeed import deepspeed_config
     from worker import checkpoint as ckpt
     from worker.dist import skip_shm_build
     from worker.model import build_model, moe_aux_loss, optimizer_param_groups

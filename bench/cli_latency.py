@@ -9,7 +9,7 @@ Every command runs as a user runs it: a fresh process of the installed console s
 hits all of them alike. Rows report the median and the ratio to the floor's median.
 
 The `status` home is generated: `--runs` realistic run directories (run.json written through
-`orchestrator.runs`, events.jsonl, progress.json, metrics.jsonl, run.yaml), half of them SLURM runs
+`orchestrator.rundir.runs`, events.jsonl, progress.json, metrics.jsonl, run.yaml), half of them SLURM runs
 that are still running (so `status` must ask the scheduler about them), the rest finished SLURM and
 local runs. A fake `squeue` and `sacct` first on PATH (bash + awk, about as fast to start as the
 real C clients) print plausible rows for the requested job ids and append one line per call to
@@ -81,7 +81,7 @@ def make_home(home: Path, n_runs: int, fake_dir: Path, now: float | None = None)
     Even-numbered runs are SLURM runs still running (attempt open, recent progress); odd ones are
     finished long ago (completed SLURM runs, and every fourth a completed local run).
     Returns counts per kind."""
-    from orchestrator import runs
+    from orchestrator.rundir import runs
 
     stamp = now if now is not None else time.time()
     home.mkdir(parents=True, exist_ok=True)

@@ -234,7 +234,7 @@ def tiny_model_config(
     """The `RunConfig` of a benchmark model: a random `tiny` MPT of this shape, one local node,
     no gradient accumulation, ZeRO-2, bf16 on GPUs and fp32 on CPU. `moe` is the config's `moe:`
     section (enabled, num_experts, top_k, ep_size, implementation)."""
-    from orchestrator.config import RunConfig
+    from orchestrator.spec.schema import RunConfig
 
     return RunConfig.model_validate(
         {

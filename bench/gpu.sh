@@ -46,7 +46,7 @@ for name in ("torch", "transformers", "deepspeed", "pydantic", "submitit", "moe-
     print(f"{name} {m.version(name)}")
 print("cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0))
 import deepspeed, deepspeed.moe.layer  # noqa: E401,F401
-import orchestrator.config, worker.model, worker.moe_dropless  # noqa: E401,F401
+import orchestrator.spec.schema, worker.model, worker.moe_dropless  # noqa: E401,F401
 print("imports ok")
 EOF
 

@@ -5,7 +5,7 @@
 
 One GPU, bf16, ZeRO-2, ep_size 1, torch AdamW, built exactly as the worker builds it
 (`worker.model.build_model`, `optimizer_param_groups`, `moe_aux_loss`,
-`orchestrator.render.deepspeed_config`). Batches are random token ids. Each variant runs in its own
+`orchestrator.spec.deepspeed.deepspeed_config`). Batches are random token ids. Each variant runs in its own
 process (a fresh CUDA context and process group); per variant, after warm-up steps, the median
 wall time of a training step (forward, backward, optimizer; `torch.cuda.synchronize` around it),
 tokens/s and MFU against the H200's 989 TFLOP/s dense bf16 peak, peak GPU memory.
@@ -103,7 +103,7 @@ def measure_variant(shape: Shape, variant: str, gpu: bool) -> dict[str, Any]:
         torch.set_num_threads(1)
     import deepspeed
 
-    from orchestrator.render import deepspeed_config
+    from orchestrator.spec.deepspeed import deepspeed_config
     from worker.dist import skip_shm_build
     from worker.model import build_model, moe_aux_loss, optimizer_param_groups
 

@@ -104,7 +104,7 @@ def _progress_step(run_dir: Path) -> int:
 
 
 def sacct_text(job_id: str) -> str:
-    from orchestrator.slurm import SACCT_FIELDS
+    from orchestrator.backends.slurm import SACCT_FIELDS
 
     res = subprocess.run(
         ["sacct", "-D", "-X", "-P", "-n", "-j", job_id, f"--format={SACCT_FIELDS}"],
@@ -152,7 +152,7 @@ def analyze(
     events: list[dict[str, Any]], sacct: str, signalled: float, queue: dict[str, float] | None = None
 ) -> dict[str, Any]:
     """The preemption timeline from a run's events and its job's sacct rows (no cluster needed)."""
-    from orchestrator.slurm import parse_sacct
+    from orchestrator.backends.slurm import parse_sacct
 
     queue = queue or {}
     starts = [e for e in events if e["event"] == "start"]

@@ -54,7 +54,7 @@ TIMEOUT_S = 300.0
 
 def write_config(path: Path, max_steps: int) -> Path:
     """tiny-cpu with `max_steps`, a save every SAVED_STEP steps, resolved (absolute data path)."""
-    from orchestrator.configfile import dump_config, load_config
+    from orchestrator.spec.loading import dump_config, load_config
 
     sets = [f"training.max_steps={max_steps}", f"training.save_steps={SAVED_STEP}"]
     cfg = load_config(CONFIG, [*sets, "training.logging_steps=1"])

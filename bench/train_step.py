@@ -116,7 +116,7 @@ def _rank_main(rank: int, port: int, shape: Shape, variant: str, out_dir: str) -
     deepspeed.init_distributed(dist_backend="gloo")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
-    from orchestrator.render import deepspeed_config
+    from orchestrator.spec.deepspeed import deepspeed_config
     from worker.model import build_model, moe_aux_loss, optimizer_param_groups
 
     cfg = run_config(shape, variant)

@@ -137,11 +137,11 @@ def validate(
     ] = None,
 ) -> None:
     """Check a config (schema, cross-field rules, data files) and print the run's numbers."""
-    from orchestrator.validate import summary_rows, validate_file
+    from orchestrator.lifecycle.validate import summary_rows, validate_file
 
     run_dir = None
     if run is not None:
-        from orchestrator.runs import find_run, runs_home
+        from orchestrator.rundir.runs import find_run, runs_home
 
         run_dir = _run_cli(lambda: find_run(runs_home(home), run))
     summary = _run_cli(lambda: validate_file(config, set_ or [], home=home, run_dir=run_dir))
@@ -177,8 +177,8 @@ def render(
     set_: SetOption = None,
 ) -> None:
     """Write sbatch.sh, hostfile, ds_config.json, accelerate_config.yaml and run.yaml."""
-    from orchestrator.configfile import load_config
-    from orchestrator.render import nodelist_from_env, render_to_dir
+    from orchestrator.render.files import nodelist_from_env, render_to_dir
+    from orchestrator.spec.loading import load_config
 
     def go() -> dict[str, Path]:
         cfg = load_config(config, set_ or [])
@@ -202,7 +202,7 @@ def schema(
     ] = None,
 ) -> None:
     """Print the config's JSON Schema (for editors) or its Markdown reference."""
-    from orchestrator.schemadoc import config_reference_markdown, schema_json
+    from orchestrator.spec.schemadoc import config_reference_markdown, schema_json
 
     text = config_reference_markdown() if markdown else schema_json()
     if out_file is None:
@@ -222,7 +222,7 @@ def schema(
 @app.command()
 def configs() -> None:
     """List the configs shipped with moe-orch (usable by name in place of a path)."""
-    from orchestrator.catalog import shipped_configs
+    from orchestrator.spec.catalog import shipped_configs
 
     table = Table(show_header=True, box=None, pad_edge=False)
     table.add_column("name", style="bold")
@@ -232,11 +232,11 @@ def configs() -> None:
     out.print(table)
 
 
-# --- runs: submit, status, logs, cancel, plot, watch, resume (library: orchestrator/submit.py,
+# --- runs: submit, status, logs, cancel, plot, watch, resume (library: orchestrator/lifecycle/submit.py,
 # status.py, logs.py, plot.py, watch.py) ---------------------------------------------------------
 
 if TYPE_CHECKING:
-    from orchestrator.status import RunView
+    from orchestrator.lifecycle.status import RunView
 
 RunArg = Annotated[str, typer.Argument(metavar="RUN", help="A run id (or a unique prefix), or its folder.")]
 
@@ -246,7 +246,7 @@ def _echo(line: str) -> None:
 
 
 def _find(home: Path | None, run: str) -> Path:
-    from orchestrator.runs import find_run
+    from orchestrator.rundir.runs import find_run
 
     return _run_cli(lambda: find_run(home_dir(home), run))
 
@@ -264,14 +264,14 @@ def submit(
     home: HomeOption = None,
 ) -> None:
     """Validate, create a run (printing its id), render and submit it through submitit."""
-    from orchestrator import submit as submit_lib
+    from orchestrator.lifecycle import submit as submit_lib
 
     if dry_run:
         _run_cli(lambda: submit_lib.dry_run(config, set_ or [], home=str(home_dir(home)), echo=_echo))
         return
     run_dir = _run_cli(lambda: submit_lib.submit(config, set_ or [], home=str(home_dir(home)), echo=_echo))
     if wait:
-        from orchestrator.watch import follow
+        from orchestrator.lifecycle.watch import follow
 
         rec = _run_cli(lambda: follow(run_dir, _echo))
         if rec.state != "completed":
@@ -279,7 +279,7 @@ def submit(
 
 
 def _status_table(views: list[RunView]) -> Table:
-    from orchestrator.status import table_rows
+    from orchestrator.lifecycle.status import table_rows
 
     table = Table(box=None, pad_edge=False)
     rows = table_rows(views)
@@ -302,8 +302,8 @@ def status(
     import json
     import time
 
-    from orchestrator import runs as runs_lib
-    from orchestrator.status import detail_lines, poll, run_detail
+    from orchestrator.lifecycle.status import detail_lines, poll, run_detail
+    from orchestrator.rundir import runs as runs_lib
 
     root = home_dir(home)
     dirs = [_find(home, run)] if run else runs_lib.list_runs(root)
@@ -355,7 +355,7 @@ def logs(
     home: HomeOption = None,
 ) -> None:
     """Every rank's output across attempts, each line prefixed with its rank (and attempt)."""
-    from orchestrator.logs import follow_logs, show_logs
+    from orchestrator.lifecycle.logs import follow_logs, show_logs
 
     run_dir = _find(home, run)
     _run_cli(lambda: show_logs(run_dir, rank=rank, attempt=attempt, stderr=stderr, tail=tail, echo=_echo))
@@ -366,7 +366,7 @@ def logs(
 @app.command()
 def cancel(run: RunArg, home: HomeOption = None) -> None:
     """Cancel the run's job; the run ends `cancelled` and is never requeued or resubmitted."""
-    from orchestrator.control import cancel as cancel_run
+    from orchestrator.lifecycle.control import cancel as cancel_run
 
     rec = _run_cli(lambda: cancel_run(_find(home, run)))
     job = rec.current.job_id if rec.current else None
@@ -380,7 +380,7 @@ def plot(
     home: HomeOption = None,
 ) -> None:
     """Plot loss, eval loss, tokens/s, expert load per layer and the expert_label x expert heatmap."""
-    from orchestrator.plot import plot_run
+    from orchestrator.lifecycle.plot import plot_run
 
     path = _run_cli(lambda: plot_run(_find(home, run), out_file))
     out.print(Text(f"wrote {path}"))
@@ -396,7 +396,7 @@ def watch(
     home: HomeOption = None,
 ) -> None:
     """Resubmit attempts that died without a requeue, within the budgets; exclude failed nodes."""
-    from orchestrator.watch import watch as watch_runs
+    from orchestrator.lifecycle.watch import watch as watch_runs
 
     _run_cli(lambda: watch_runs(home_dir(home), runs or [], interval=interval, once=once, echo=_echo))
 
@@ -404,7 +404,7 @@ def watch(
 @app.command()
 def resume(run: RunArg, home: HomeOption = None) -> None:
     """Resubmit a stopped or failed run once (new job, same run; resumes from its checkpoint)."""
-    from orchestrator.watch import resume as resume_run
+    from orchestrator.lifecycle.watch import resume as resume_run
 
     rec = _run_cli(lambda: resume_run(_find(home, run)))
     cur = rec.current
@@ -432,7 +432,7 @@ def export(
     home: HomeOption = None,
 ) -> None:
     """Write a Hugging Face folder (weights, config, modeling code, tokenizer) from a checkpoint."""
-    from orchestrator.runs import find_run_with_checkpoints
+    from orchestrator.rundir.runs import find_run_with_checkpoints
 
     run_dir = _run_cli(lambda: find_run_with_checkpoints(home_dir(home), run))
 

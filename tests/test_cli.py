@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from orchestrator import runs
 from orchestrator.cli import app
-from orchestrator.runs import Attempt, RunRecord
-from orchestrator.schemadoc import REFERENCE_PATH, config_reference_markdown
+from orchestrator.rundir import runs
+from orchestrator.rundir.runs import Attempt, RunRecord
+from orchestrator.spec.schemadoc import REFERENCE_PATH, config_reference_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()

@@ -1,7 +1,7 @@
 """A config or data file that cannot be read is one line naming the file (and line), exit code 2.
 
 `validate`, `submit --dry-run` and `render` all read a config through
-`orchestrator.configfile.load_config`, so every way a read can fail (not UTF-8, a folder, no
+`orchestrator.spec.loading.load_config`, so every way a read can fail (not UTF-8, a folder, no
 permission, empty, not YAML, not a mapping) is checked through all three commands.
 """
 
@@ -17,8 +17,8 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from orchestrator.cli import app
-from orchestrator.configfile import load_config, load_resolved
 from orchestrator.errors import ConfigFileError
+from orchestrator.spec.loading import load_config, load_resolved
 
 runner = CliRunner()
 
@@ -141,7 +141,7 @@ def test_a_run_yaml_is_read_the_same_way(tmp_path: Path) -> None:
         load_resolved(run_yaml)
 
 
-# --- data files (data.train_file, read by orchestrator/datafile.py) --------------------------------
+# --- data files (data.train_file, read by orchestrator/spec/qa_format.py) --------------------------------
 
 
 def write_config_with_data(tmp_path: Path, data_lines: bytes) -> tuple[Path, Path]:

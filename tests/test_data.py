@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from orchestrator.config import RunConfig
-from orchestrator.datafile import QAExample, read_qa_file
+from orchestrator.spec.qa_format import QAExample, read_qa_file
+from orchestrator.spec.schema import RunConfig
 from worker.data import (
     IGNORE_INDEX,
     NO_LABEL,
@@ -132,8 +132,8 @@ def test_tokenizer_trains_and_reloads_offline_in_a_fresh_process(
     # A fresh process (new hash seeds) with the hub switched off gives the identical tokenizer.
     script = (
         "import sys; from pathlib import Path\n"
-        "from orchestrator.config import RunConfig\n"
-        "from orchestrator.datafile import read_qa_file\n"
+        "from orchestrator.spec.schema import RunConfig\n"
+        "from orchestrator.spec.qa_format import read_qa_file\n"
         "from worker.data import tokenizer_texts\n"
         "from worker.tokenizer import load_or_train_tokenizer\n"
         "cfg = RunConfig.model_validate(\n"

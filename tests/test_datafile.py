@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from orchestrator.config import RunConfig
-from orchestrator.datafile import QAExample, check_data_files, normalize_answer, read_qa_file
 from orchestrator.errors import ConfigIssue, DataFileError
+from orchestrator.spec.qa_format import QAExample, check_data_files, normalize_answer, read_qa_file
+from orchestrator.spec.schema import RunConfig
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from orchestrator.nodelist import expand_nodelist
+from orchestrator.backends.nodelist import expand_nodelist
 from worker.dist import derived_port, first_host, resolve_dist
 from worker.signals import Faults, parse_slurm_time, stop_reason
 

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from helpers import moe_orch
 
-from orchestrator.config import RunConfig
-from orchestrator.configfile import dump_config
 from orchestrator.errors import CheckpointError, ExportError, RunNotFoundError
+from orchestrator.spec.loading import dump_config
+from orchestrator.spec.schema import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny-cpu.yaml"
@@ -81,7 +81,7 @@ RANK_SCRIPT = textwrap.dedent(
     import deepspeed, deepspeed.comm.torch
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # notes, pitfall 1
     from transformers import AutoTokenizer
-    from orchestrator.configfile import load_resolved
+    from orchestrator.spec.loading import load_resolved
     from worker.checkpoint import save_checkpoint
     from worker.model import build_model, moe_aux_loss, optimizer_param_groups
 
@@ -426,7 +426,7 @@ def test_cli_export_refuses_a_folder_without_checkpoints_in_one_line_naming_it_w
 def test_export_finds_a_run_by_id_prefix_or_folder_and_a_hand_started_run_by_its_folder(
     tmp_path: Path,
 ) -> None:
-    from orchestrator.runs import find_run_with_checkpoints
+    from orchestrator.rundir.runs import find_run_with_checkpoints
 
     home = tmp_path / "runs"
     recorded = home / "tiny-20261128-100000-0001"

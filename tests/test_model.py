@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import pytest
 
-from orchestrator.config import RunConfig
+from orchestrator.spec.schema import RunConfig
 
 VOCAB = 300
 

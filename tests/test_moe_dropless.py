@@ -244,7 +244,7 @@ def test_moe_layer_benchmark_smoke_returns_a_timed_record_per_token_count(ds_wor
 
 
 def test_worker_builds_the_dropless_layer_and_top2_upcycling_keeps_the_dense_loss() -> None:
-    from orchestrator.config import RunConfig
+    from orchestrator.spec.schema import RunConfig
     from worker.model import build_model, expert_token_counts
 
     def tiny(moe: dict[str, Any]) -> RunConfig:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from orchestrator.backends.nodelist import expand_nodelist
 from orchestrator.errors import ConfigError
-from orchestrator.nodelist import expand_nodelist
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator.configfile import dump_config, load_config
-from orchestrator.validate import measured_save, runs_with_layout, validate
+from orchestrator.lifecycle.validate import measured_save, runs_with_layout, validate
+from orchestrator.spec.loading import dump_config, load_config
 from worker import signals
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_the_time_limit_is_the_start_plus_the_limit_not_the_end_slurm_moves_on_p
 def test_a_node_set_down_while_completing_its_dead_job_counts_as_unhealthy(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from orchestrator import slurm
+    from orchestrator.backends import slurm
 
     # sinfo right after `scontrol update State=DOWN` of a node whose slurmd died holding a job.
     answer = (

@@ -12,18 +12,18 @@ from unittest import mock
 
 import pytest
 
-from orchestrator.config import RunConfig
-from orchestrator.configfile import builtin_configs_dir, load_config
 from orchestrator.errors import ConfigError
-from orchestrator.render import (
+from orchestrator.render.files import (
     RENDERED_FILES,
-    deepspeed_config,
     render,
     render_to_dir,
     sbatch_options,
     sbatch_quote,
     write_rendered,
 )
+from orchestrator.spec.deepspeed import deepspeed_config
+from orchestrator.spec.loading import builtin_configs_dir, load_config
+from orchestrator.spec.schema import RunConfig
 
 GOLDEN = Path(__file__).parent / "golden"
 RUN_DIR = Path("/runs/RUN-ID")
@@ -198,7 +198,7 @@ def test_sbatch_script_is_valid_bash_and_executable(written: tuple[RunConfig, di
 
 
 def test_run_yaml_loads_back_to_the_same_config(written: tuple[RunConfig, dict[str, Path]]) -> None:
-    from orchestrator.configfile import load_resolved
+    from orchestrator.spec.loading import load_resolved
 
     cfg, paths = written
     assert load_resolved(paths["run.yaml"]) == cfg

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from orchestrator.configfile import validate_data
 from orchestrator.errors import ConfigError
-from orchestrator.render import render, render_to_dir, sbatch_options
+from orchestrator.render.files import render, render_to_dir, sbatch_options
+from orchestrator.spec.loading import validate_data
 
 PAYLOADS = [
     "a'; touch pwned; '",
@@ -133,7 +133,7 @@ def test_a_newline_in_a_slurm_value_is_refused_naming_the_field(tmp_path: Path, 
 
 
 def test_run_yaml_keeps_hostile_values_as_data(tmp_path: Path) -> None:
-    from orchestrator.configfile import load_resolved
+    from orchestrator.spec.loading import load_resolved
 
     cfg = hostile_config(tmp_path)
     paths = render_to_dir(cfg, tmp_path / "run", python="python")

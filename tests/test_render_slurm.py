@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.configfile import load_config
-from orchestrator.render import render_to_dir
+from orchestrator.render.files import render_to_dir
+from orchestrator.spec.loading import load_config
 
 pytestmark = [pytest.mark.slurm]
 

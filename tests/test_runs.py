@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from orchestrator import runs
+from orchestrator.backends.slurm import Snapshot, parse_sacct, parse_squeue, parse_task_exits
 from orchestrator.errors import RunNotFoundError
-from orchestrator.reconcile import Budgets, check_budgets, reconcile
-from orchestrator.runs import Attempt, RunRecord
-from orchestrator.slurm import Snapshot, parse_sacct, parse_squeue, parse_task_exits
+from orchestrator.lifecycle.reconcile import Budgets, check_budgets, reconcile
+from orchestrator.rundir import runs
+from orchestrator.rundir.runs import Attempt, RunRecord
 
 NOW = time.time()
 
@@ -268,8 +268,8 @@ def test_budgets_count_failures_preemptions_and_crash_loops() -> None:
 
 
 def test_logs_split_requeued_attempts_and_prefix_rank_and_attempt(tmp_path: Path) -> None:
-    from orchestrator.job import marker_line
-    from orchestrator.logs import format_lines, read_logs
+    from orchestrator.lifecycle.job import marker_line
+    from orchestrator.lifecycle.logs import format_lines, read_logs
 
     rec = make_record(tmp_path)
     rec.attempts = [
@@ -302,8 +302,8 @@ def test_logs_split_requeued_attempts_and_prefix_rank_and_attempt(tmp_path: Path
 
 
 def test_follow_logs_carries_on_into_the_next_attempt_and_stops_at_a_final_state(tmp_path: Path) -> None:
-    from orchestrator.job import marker_line
-    from orchestrator.logs import follow_logs
+    from orchestrator.lifecycle.job import marker_line
+    from orchestrator.lifecycle.logs import follow_logs
 
     rec = make_record(tmp_path, executor="local")
     rec.attempts = [Attempt(number=1, job_id="5", attempt_key="5.0", state="ended", stop_reason="completed")]
@@ -317,8 +317,8 @@ def test_follow_logs_carries_on_into_the_next_attempt_and_stops_at_a_final_state
 
 
 def test_submitits_start_line_belongs_to_the_attempt_it_starts(tmp_path: Path) -> None:
-    from orchestrator.job import marker_line
-    from orchestrator.logs import split_attempts
+    from orchestrator.lifecycle.job import marker_line
+    from orchestrator.lifecycle.logs import split_attempts
 
     text = (
         "submitit INFO - Starting with JobEnvironment(job_id=5, global_rank=0)\n"
@@ -343,7 +343,7 @@ def test_a_cancelled_local_job_ends_its_attempt_cancelled(tmp_path: Path) -> Non
 def test_a_rank_that_died_before_the_worker_started_shows_its_error(tmp_path: Path) -> None:
     import pickle
 
-    from orchestrator.status import poll
+    from orchestrator.lifecycle.status import poll
 
     rec = make_record(tmp_path, executor="local", max_failures=0)
     rec.attempts.append(Attempt(number=1, job_id="999999999", submitted=NOW - 60))
@@ -436,7 +436,7 @@ def test_status_names_the_killed_rank_from_the_batch_stderr_with_one_squeue_and_
 ) -> None:
     from fakes import FakeSlurm
 
-    from orchestrator.status import detail_lines, poll, run_detail
+    from orchestrator.lifecycle.status import detail_lines, poll, run_detail
 
     fake = FakeSlurm(first_job_id=5)
     with fake.context():
@@ -503,7 +503,7 @@ def test_status_json_and_text_agree_on_a_finishing_attempt_and_keep_asking_for_i
 ) -> None:
     from fakes import FakeSlurm
 
-    from orchestrator.status import detail_lines, poll, run_detail
+    from orchestrator.lifecycle.status import detail_lines, poll, run_detail
 
     fake = FakeSlurm(first_job_id=5)
     with fake.context():

@@ -7,8 +7,8 @@ import time
 import pytest
 from fakes import FakeSlurm
 
-from orchestrator import slurm
-from orchestrator.slurm import (
+from orchestrator.backends import slurm
+from orchestrator.backends.slurm import (
     expand_nodelist,
     parse_sacct,
     parse_squeue,
@@ -161,8 +161,8 @@ def test_status_poll_does_not_import_torch() -> None:
     import sys
 
     code = (
-        "import sys, orchestrator.cli, orchestrator.status, orchestrator.slurm, orchestrator.watch, "
-        "orchestrator.logs, orchestrator.submit; "
+        "import sys, orchestrator.cli, orchestrator.lifecycle.status, orchestrator.backends.slurm, "
+        "orchestrator.lifecycle.watch, orchestrator.lifecycle.logs, orchestrator.lifecycle.submit; "
         "assert 'torch' not in sys.modules and 'deepspeed' not in sys.modules, 'heavy import'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

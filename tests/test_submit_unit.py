@@ -10,10 +10,11 @@ import pytest
 from fakes import FakeSlurm
 from typer.testing import CliRunner
 
-from orchestrator import control, runs, submit
-from orchestrator.bundle import redact_env
 from orchestrator.cli import app
 from orchestrator.errors import ConfigError, SubmissionError
+from orchestrator.lifecycle import control, submit
+from orchestrator.lifecycle.bundle import redact_env
+from orchestrator.rundir import runs
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SLURM = str(REPO / "configs" / "tiny-slurm.yaml")
@@ -61,7 +62,7 @@ def test_submitted_sbatch_lines_equal_the_rendered_ones(fake: FakeSlurm, weird_h
 
 
 def test_submitit_parameters_agree_with_the_rendered_options(tmp_path: Path) -> None:
-    from orchestrator.configfile import load_config
+    from orchestrator.spec.loading import load_config
 
     cfg = load_config(TINY_SLURM, ["cluster.gpus_per_node=2", "cluster.tasks_per_node=2", "cluster.qos=high"])
     plan = submit.plan_submission(cfg, tmp_path / "r")
@@ -154,7 +155,7 @@ def test_cancel_records_cancelled_before_scancel(fake: FakeSlurm, tmp_path: Path
 
 
 def test_a_cancelled_run_cannot_be_resumed(fake: FakeSlurm, tmp_path: Path) -> None:
-    from orchestrator.watch import resume
+    from orchestrator.lifecycle.watch import resume
 
     run_dir = _submit(tmp_path / "home")
     control.cancel(run_dir)
@@ -164,7 +165,7 @@ def test_a_cancelled_run_cannot_be_resumed(fake: FakeSlurm, tmp_path: Path) -> N
 
 
 def test_cancel_refuses_a_completed_run(fake: FakeSlurm, tmp_path: Path) -> None:
-    from orchestrator.control import NothingToCancelError
+    from orchestrator.lifecycle.control import NothingToCancelError
 
     run_dir = _submit(tmp_path / "home")
     runs.update_run(run_dir, lambda r: setattr(r, "state", runs.COMPLETED))

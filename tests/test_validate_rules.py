@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from orchestrator.errors import ConfigError, DataFileError
-from orchestrator.validate import validate_file
+from orchestrator.lifecycle.validate import validate_file
 
 BASE: dict[str, Any] = {
     "name": "rules",

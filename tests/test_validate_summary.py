@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.config import RunConfig
-from orchestrator.configfile import load_config
-from orchestrator.estimate import bytes_per_param, estimate_memory
-from orchestrator.validate import WARNING_CHECKS, collect_warnings, summary_text, validate
+from orchestrator.lifecycle.validate import WARNING_CHECKS, collect_warnings, summary_text, validate
+from orchestrator.spec.estimate import bytes_per_param, estimate_memory
+from orchestrator.spec.loading import load_config
+from orchestrator.spec.schema import RunConfig
 
 
 @pytest.mark.parametrize(("nodes", "gpus"), [(1, 1), (1, 8), (4, 8), (16, 8)])
@@ -88,6 +88,6 @@ def test_a_registered_warning_check_reaches_the_summary(monkeypatch: pytest.Monk
     def slow_saves(cfg: RunConfig) -> list[str]:
         return [f"signal_delay_s {cfg.cluster.signal_delay_s} is short"]
 
-    monkeypatch.setattr("orchestrator.validate.WARNING_CHECKS", [*WARNING_CHECKS, slow_saves])
+    monkeypatch.setattr("orchestrator.lifecycle.validate.WARNING_CHECKS", [*WARNING_CHECKS, slow_saves])
     assert "signal_delay_s 60 is short" in validate(load_config("tiny-slurm")).warnings
     assert collect_warnings(load_config("tiny-slurm"), [slow_saves])[-1] == "signal_delay_s 60 is short"

@@ -43,7 +43,7 @@ def test_cli_from_the_unpacked_wheel_validates_and_renders_a_shipped_config(
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     env = {**os.environ, "PYTHONPATH": str(site)}
-    probe = "import orchestrator.render as r; print(r.__file__); print(r.templates_dir())"
+    probe = "import orchestrator.render.files as r; print(r.__file__); print(r.templates_dir())"
     where = subprocess.run(
         [sys.executable, "-c", probe],
         cwd=tmp_path, env=env, capture_output=True, text=True, check=True,

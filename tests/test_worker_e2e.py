@@ -359,8 +359,8 @@ def test_seed_flags_override_a_config_file(tmp_path: Path) -> None:
 
 
 def test_deepspeed_config_follows_the_run_config() -> None:
-    from orchestrator.configfile import load_config
-    from orchestrator.render import deepspeed_config
+    from orchestrator.spec.deepspeed import deepspeed_config
+    from orchestrator.spec.loading import load_config
 
     cfg = load_config(TINY, ["training.gradient_accumulation_steps=3", "training.max_grad_norm=0.5"])
     ds = deepspeed_config(cfg)

@@ -34,9 +34,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from orchestrator.config import RunConfig
-from orchestrator.configfile import apply_overrides, dump_config, load_config, validate_data
 from orchestrator.errors import MoeOrchError
+from orchestrator.spec.loading import apply_overrides, dump_config, load_config, validate_data
+from orchestrator.spec.schema import RunConfig
 from worker.signals import EXIT_FAILED, EXIT_USAGE
 
 logger = logging.getLogger(__name__)

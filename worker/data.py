@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
-from orchestrator.config import RunConfig
-from orchestrator.datafile import QAExample, held_out_count, read_qa_file
 from orchestrator.errors import ConfigError, ConfigIssue
+from orchestrator.spec.qa_format import QAExample, held_out_count, read_qa_file
+from orchestrator.spec.schema import RunConfig
 
 if TYPE_CHECKING:
     import torch

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.nodelist import expand_nodelist
+from orchestrator.backends.nodelist import expand_nodelist
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from typing import Any, cast
 
 import torch
 
-from orchestrator.config import RunConfig
 from orchestrator.errors import CheckpointError, ExportError
+from orchestrator.spec.schema import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def _choose_checkpoint(run_dir: Path, tag: str | None) -> Path:
 def export_run(run_dir: Path, out_dir: Path | None = None, tag: str | None = None) -> Path:
     """Export a run's checkpoint `tag` (default: the newest valid one) to `out_dir` (default
     `<run_dir>/export`), using the run's own `run.yaml` and `tokenizer/`."""
-    from orchestrator.configfile import load_resolved
+    from orchestrator.spec.loading import load_resolved
 
     run_dir = Path(run_dir)
     run_yaml = run_dir / "run.yaml"

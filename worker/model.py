@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import MptConfig, MptForCausalLM
 
-from orchestrator.config import RunConfig
+from orchestrator.spec.schema import RunConfig
 
 logger = logging.getLogger(__name__)
 

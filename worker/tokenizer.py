@@ -32,8 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator.config import RunConfig
 from orchestrator.errors import MoeOrchError
+from orchestrator.spec.schema import RunConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast

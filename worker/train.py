@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.config import RunConfig
 from orchestrator.errors import ConfigError, ConfigIssue
-from orchestrator.render import deepspeed_config  # one definition: ds_config.json and the engine
+from orchestrator.spec.deepspeed import deepspeed_config  # one definition: ds_config.json and the engine
+from orchestrator.spec.schema import RunConfig
 from worker import checkpoint as ckpt
 from worker.dist import DistInfo, init_distributed, resolve_dist
 from worker.metrics import Reporter, RoutingStats, read_progress
@@ -483,7 +483,7 @@ def _fit_world(cfg: RunConfig, info: DistInfo) -> RunConfig:
         "the job has %d ranks but the config describes %d (nodes x tasks_per_node); the global batch "
         "follows the job", info.world_size, cfg.world_size,
     )
-    from orchestrator.configfile import validate_data
+    from orchestrator.spec.loading import validate_data
 
     data = cfg.model_dump(mode="json")
     data["cluster"].update(nodes=1, tasks_per_node=info.world_size, executor="local")

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from orchestrator.config import RunConfig, json_schema
+from orchestrator.spec.schema import RunConfig, json_schema
 
 logger = logging.getLogger(__name__)
 

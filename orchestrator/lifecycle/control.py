@@ -13,9 +13,9 @@ import os
 import signal
 from pathlib import Path
 
-from orchestrator import runs
 from orchestrator.errors import MoeOrchError, SchedulerError
-from orchestrator.runs import RunRecord
+from orchestrator.rundir import runs
+from orchestrator.rundir.runs import RunRecord
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def cancel(run_dir: Path) -> RunRecord:
             # SIGKILL after 1 s), like LocalJob.cancel().
             os.kill(int(cur.job_id), signal.SIGINT)
         return rec
-    from orchestrator import slurm
+    from orchestrator.backends import slurm
 
     try:
         slurm.scancel(cur.job_id)

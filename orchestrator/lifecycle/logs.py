@@ -2,7 +2,7 @@
 
 submitit writes `<run>/logs/<job_id>_<task>_log.out` and `.err` per rank (task = global rank).
 A SLURM requeue keeps the job id, so later attempts append to the same files. How attempts are
-split: every rank's job function (`orchestrator.job.run_worker`) first writes a marker line
+split: every rank's job function (`orchestrator.lifecycle.job.run_worker`) first writes a marker line
 `=== moe-orch attempt <job_id>.<restart> rank <r> start <t> ===` to both its stdout and stderr;
 `logs` cuts each file at those markers and maps `<job_id>.<restart>` to the run record's attempt
 (`attempt_key`). Lines before any marker (submitit's own preamble) belong to the first attempt
@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator import runs
 from orchestrator.errors import AttemptNotFoundError
-from orchestrator.job import ATTEMPT_MARKER
-from orchestrator.runs import RunRecord
+from orchestrator.lifecycle.job import ATTEMPT_MARKER
+from orchestrator.rundir import runs
+from orchestrator.rundir.runs import RunRecord
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def follow_logs(
 ) -> None:
     """Stream new lines of every rank (including the next attempt's after a requeue or a
     resubmission) until the run reaches a final state."""
-    from orchestrator.status import poll
+    from orchestrator.lifecycle.status import poll
 
     offsets: dict[Path, int] = {}
     partial: dict[Path, str] = {}

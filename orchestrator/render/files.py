@@ -19,10 +19,11 @@ from typing import Any
 
 import jinja2
 
-from orchestrator.config import RunConfig
-from orchestrator.configfile import dump_config
+from orchestrator.backends.nodelist import expand_nodelist
 from orchestrator.errors import ConfigError, ConfigIssue, MoeOrchError
-from orchestrator.nodelist import expand_nodelist
+from orchestrator.spec.deepspeed import deepspeed_config
+from orchestrator.spec.loading import dump_config
+from orchestrator.spec.schema import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ _OWN_SBATCH_KEYS = {
 
 def templates_dir() -> Path:
     """templates/ shipped with the package (wheel) or beside it (source checkout)."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the orchestrator package
     for candidate in (here / "_data" / "templates", here.parent / "templates"):
         if candidate.is_dir():
             return candidate
@@ -138,28 +139,6 @@ def sbatch_options(cfg: RunConfig, run_dir: Path) -> list[tuple[str, str]]:
     if issues:
         raise ConfigError(issues)
     return [(key, value) for key, value, _ in opts]
-
-
-def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
-    """The DeepSpeed config dict: rendered as ds_config.json, and what the worker passes to DeepSpeed.
-
-    `train_batch_size` must equal micro × accumulation × data-parallel size: DeepSpeed asserts it.
-    """
-    t = cfg.training
-    return {
-        "train_batch_size": cfg.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "gradient_clipping": t.max_grad_norm,
-        "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16"},
-        # NOTE: the worker uses torch's AdamW (DeepSpeed's own optimizers JIT-compile C++ for ~80 s).
-        "zero_allow_untested_optimizer": True,
-        # The worker logs its own metrics (metrics.jsonl); DeepSpeed's step prints stay off.
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
 
 
 def accelerate_config(cfg: RunConfig, ds_config_path: Path, hosts: list[str] | None) -> dict[str, Any]:

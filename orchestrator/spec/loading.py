@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.config import RunConfig
 from orchestrator.errors import ConfigError, ConfigFileError, ConfigIssue
+from orchestrator.spec.schema import RunConfig
 
 Loc = tuple[str | int, ...]
 
@@ -196,7 +196,7 @@ def validate_data(
 
 def builtin_configs_dir() -> Path:
     """configs/ shipped with the package (wheel) or beside it (source checkout)."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the orchestrator package
     for candidate in (here / "_data" / "configs", here.parent / "configs"):
         if candidate.is_dir():
             return candidate

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.configfile import builtin_configs_dir
+from orchestrator.spec.loading import builtin_configs_dir
 
 logger = logging.getLogger(__name__)
 

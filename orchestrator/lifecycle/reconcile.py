@@ -27,9 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator import runs
-from orchestrator.runs import Attempt, RunRecord
-from orchestrator.slurm import (
+from orchestrator.backends.slurm import (
     ALIVE_STATES,
     SUBMIT_SLACK_S,
     AcctRow,
@@ -40,6 +38,8 @@ from orchestrator.slurm import (
     rows_since,
     stop_reason_for,
 )
+from orchestrator.rundir import runs
+from orchestrator.rundir.runs import Attempt, RunRecord
 
 logger = logging.getLogger(__name__)
 

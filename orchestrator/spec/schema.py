@@ -56,7 +56,7 @@ empty value (a template variable that expanded to nothing) is an error, not a si
 
 class _Section(BaseModel):
     # NOTE: extra="forbid" is what turns a typo into an error (with a did-you-mean added by
-    # orchestrator.configfile) instead of a silently ignored key.
+    # orchestrator.spec.loading) instead of a silently ignored key.
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=False)
 
 
@@ -499,7 +499,7 @@ class RunConfig(_Section):
                 )
         if c.gpu_mem_gb is not None:
             # Imported here: the estimate needs the architecture table, not needed for parsing.
-            from orchestrator.estimate import estimate_memory
+            from orchestrator.spec.estimate import estimate_memory
 
             est = estimate_memory(self)
             if est is not None and est.total_gb > c.gpu_mem_gb:

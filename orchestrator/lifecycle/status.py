@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import runs, slurm
-from orchestrator.reconcile import Budgets, reconcile
-from orchestrator.runs import RunRecord
-from orchestrator.slurm import FINAL_STATES as FINAL_SLURM_STATES
-from orchestrator.slurm import Snapshot
+from orchestrator.backends import slurm
+from orchestrator.backends.slurm import FINAL_STATES as FINAL_SLURM_STATES
+from orchestrator.backends.slurm import Snapshot
+from orchestrator.lifecycle.reconcile import Budgets, reconcile
+from orchestrator.rundir import runs
+from orchestrator.rundir.runs import RunRecord
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def _needs_scheduler(rec: RunRecord) -> bool:
 
 def poll(run_dirs: list[Path], *, now: float | None = None) -> list[RunView]:
     """Refresh every run in `run_dirs` (one scheduler query for all) and return their views."""
-    from orchestrator.control import local_alive
+    from orchestrator.lifecycle.control import local_alive
 
     records = []
     for d in run_dirs:

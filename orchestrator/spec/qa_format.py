@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import RunConfig
 from orchestrator.errors import ConfigIssue, DataFileError
+from orchestrator.spec.schema import RunConfig
 
 logger = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from orchestrator import runs
 from orchestrator.errors import DataFileError, MoeOrchError, SubmissionError
-from orchestrator.runs import Attempt, RunRecord
+from orchestrator.rundir import runs
+from orchestrator.rundir.runs import Attempt, RunRecord
 
 if TYPE_CHECKING:  # the schema (pydantic models) is not needed by status/cancel
-    from orchestrator.config import RunConfig
+    from orchestrator.spec.schema import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def submitit_parameters(cfg: RunConfig, options: list[tuple[str, str]]) -> dict[
 
 def plan_submission(cfg: RunConfig, run_dir: Path, *, exclude: list[str] | None = None) -> SubmissionPlan:
     """The submission for `cfg` into `run_dir` (nothing is written or submitted)."""
-    from orchestrator.render import render, sbatch_options
+    from orchestrator.render.files import render, sbatch_options
 
     if exclude:
         cfg = cfg.model_copy(deep=True)
@@ -190,8 +190,8 @@ def make_executor(plan: SubmissionPlan) -> Any:
 
 
 def _load_and_check(config: str | Path, overrides: list[str]) -> tuple[RunConfig, Path]:
-    from orchestrator.configfile import load_config, resolve_config_path
-    from orchestrator.datafile import check_data_files
+    from orchestrator.spec.loading import load_config, resolve_config_path
+    from orchestrator.spec.qa_format import check_data_files
 
     cfg = load_config(config, overrides)
     issues = check_data_files(cfg)
@@ -214,7 +214,7 @@ def dry_run(config: str | Path, overrides: list[str], *, home: str | None, echo:
 
 
 def create_run(cfg: RunConfig, home: Path, config_file: Path | None) -> tuple[Path, RunRecord]:
-    from orchestrator.configfile import dump_config
+    from orchestrator.spec.loading import dump_config
 
     home.mkdir(parents=True, exist_ok=True)
     while True:
@@ -254,8 +254,8 @@ def submit_attempt(run_dir: Path, cfg: RunConfig, *, note: str | None, freeze: s
     A refused submission is recorded (run state `failed`, the scheduler's message) and raised as
     SubmissionError: the record never shows a job that does not exist.
     """
-    from orchestrator.bundle import write_bundle
-    from orchestrator.render import write_rendered
+    from orchestrator.lifecycle.bundle import write_bundle
+    from orchestrator.render.files import write_rendered
 
     rec = runs.read_run(run_dir)
     number = len(rec.attempts) + 1
@@ -267,7 +267,7 @@ def submit_attempt(run_dir: Path, cfg: RunConfig, *, note: str | None, freeze: s
     submitted = time.time()
     try:
         executor = make_executor(plan)
-        from orchestrator.job import run_worker
+        from orchestrator.lifecycle.job import run_worker
 
         job = executor.submit(run_worker, str(run_dir / "run.yaml"), str(run_dir), plan.env)
         job_id = str(job.job_id)
@@ -322,7 +322,7 @@ def submit(
     echo: Echo,
 ) -> Path:
     """Validate, create the run, submit attempt 1; returns the run directory."""
-    from orchestrator.bundle import pip_freeze
+    from orchestrator.lifecycle.bundle import pip_freeze
 
     cfg, config_file = _load_and_check(config, overrides)
     root = runs.runs_home(home)
@@ -341,7 +341,7 @@ def submit(
 
 def resubmit(run_dir: Path, *, note: str) -> Attempt:
     """Submit a new attempt of an existing run (new job id, same run directory)."""
-    from orchestrator.configfile import load_resolved
+    from orchestrator.spec.loading import load_resolved
 
     rec = runs.read_run(run_dir)
     if rec.state == runs.CANCELLED or rec.cancel_requested:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from orchestrator.config import RunConfig
+    from orchestrator.spec.schema import RunConfig
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator import nodelist as nodelist_mod
+from orchestrator.backends import nodelist as nodelist_mod
 from orchestrator.errors import ConfigError, SchedulerError
 
 logger = logging.getLogger(__name__)

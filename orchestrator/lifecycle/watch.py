@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from orchestrator import runs
 from orchestrator.errors import SubmissionError
-from orchestrator.reconcile import Budgets, check_budgets
-from orchestrator.runs import RunRecord
-from orchestrator.status import RunView, poll
+from orchestrator.lifecycle.reconcile import Budgets, check_budgets
+from orchestrator.lifecycle.status import RunView, poll
+from orchestrator.rundir import runs
+from orchestrator.rundir.runs import RunRecord
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def _failed_nodes(rec: RunRecord) -> list[str]:
     cur = rec.current
     if cur is None or cur.stop_reason != "node_fail" or rec.executor != "slurm":
         return []
-    from orchestrator.slurm import unhealthy_nodes
+    from orchestrator.backends.slurm import unhealthy_nodes
 
     return unhealthy_nodes(cur.nodes)
 
@@ -41,7 +41,7 @@ def resume(run_dir: Path, *, note: str | None = None, force: bool = True) -> Run
 
     Refused for a cancelled or completed run and for one whose job is still alive.
     """
-    from orchestrator.submit import resubmit
+    from orchestrator.lifecycle.submit import resubmit
 
     view = poll([run_dir])[0]
     rec = view.record
@@ -90,7 +90,7 @@ def act(view: RunView, echo: Echo) -> str | None:
     if rec.state == runs.REQUEUED:
         verdict = check_budgets(rec.attempts, Budgets.from_dict(rec.budgets))
         if verdict.exhausted:
-            from orchestrator.slurm import scancel
+            from orchestrator.backends.slurm import scancel
 
             def _fail(r: RunRecord) -> None:
                 r.state, r.state_reason = runs.FAILED, verdict.reason
@@ -102,7 +102,7 @@ def act(view: RunView, echo: Echo) -> str | None:
     if rec.state == runs.CANCELLED and view.snapshot is not None and rec.current and rec.current.job_id:
         q = view.snapshot.queue.get(rec.current.job_id)
         if q is not None and q.alive:
-            from orchestrator.slurm import scancel
+            from orchestrator.backends.slurm import scancel
 
             scancel(rec.current.job_id)
             return f"{rec.run_id}: cancelled run still had job {rec.current.job_id}; scancel sent again"

@@ -18,12 +18,12 @@ from typing import Any
 
 import yaml
 
-from orchestrator.config import RunConfig
-from orchestrator.configfile import load_config
-from orchestrator.datafile import check_data_files
 from orchestrator.errors import DataFileError
-from orchestrator.estimate import MemoryEstimate, ParamCounts, architecture, estimate_memory
-from orchestrator.render import sbatch_options
+from orchestrator.render.files import sbatch_options
+from orchestrator.spec.estimate import MemoryEstimate, ParamCounts, architecture, estimate_memory
+from orchestrator.spec.loading import load_config
+from orchestrator.spec.qa_format import check_data_files
+from orchestrator.spec.schema import RunConfig
 
 logger = logging.getLogger(__name__)
 

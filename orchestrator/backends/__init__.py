@@ -1,0 +1,1 @@
+"""One module per scheduler backend: the submitting side and the in-job side together."""
