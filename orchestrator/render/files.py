@@ -21,6 +21,7 @@ import jinja2
 
 from orchestrator.backends.nodelist import expand_nodelist
 from orchestrator.errors import ConfigError, ConfigIssue, MoeOrchError
+from orchestrator.packaged import packaged_dir
 from orchestrator.spec.deepspeed import deepspeed_config
 from orchestrator.spec.loading import dump_config
 from orchestrator.spec.schema import RunConfig
@@ -61,11 +62,7 @@ _OWN_SBATCH_KEYS = {
 
 def templates_dir() -> Path:
     """templates/ shipped with the package (wheel) or beside it (source checkout)."""
-    here = Path(__file__).resolve().parents[1]  # the orchestrator package
-    for candidate in (here / "_data" / "templates", here.parent / "templates"):
-        if candidate.is_dir():
-            return candidate
-    return here.parent / "templates"
+    return packaged_dir("templates")
 
 
 def sbatch_quote(value: str) -> str:

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.errors import ConfigError, ConfigFileError, ConfigIssue
+from orchestrator.packaged import packaged_dir
 from orchestrator.spec.schema import RunConfig
 
 Loc = tuple[str | int, ...]
@@ -196,11 +197,7 @@ def validate_data(
 
 def builtin_configs_dir() -> Path:
     """configs/ shipped with the package (wheel) or beside it (source checkout)."""
-    here = Path(__file__).resolve().parents[1]  # the orchestrator package
-    for candidate in (here / "_data" / "configs", here.parent / "configs"):
-        if candidate.is_dir():
-            return candidate
-    return here.parent / "configs"
+    return packaged_dir("configs")
 
 
 def resolve_config_path(spec: str | Path) -> Path:
