@@ -57,7 +57,7 @@ def init_single_process_deepspeed() -> None:
 
     if dist.is_initialized():
         return
-    # NOTE: skip the 55 s shm C++ JIT of init_distributed on CPU (deepspeed-cpu.md, pitfall 1).
+    # NOTE: skip the 55 s shm C++ JIT of init_distributed on CPU (docs/deepspeed-cpu.md, "The shm build").
     import deepspeed.comm.torch
 
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]

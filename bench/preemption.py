@@ -38,6 +38,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Result, markdown_table, write_results
+from orchestrator.errors import RunNotFoundError
+from orchestrator.rundir import runs
+from orchestrator.rundir.reports import read_events, read_progress
 
 logger = logging.getLogger(__name__)
 
@@ -82,29 +85,13 @@ def _wait(what: str, probe: Callable[[], T | None], timeout: float, interval: fl
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
-def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    try:
-        lines = (run_dir / "events.jsonl").read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
 def _progress_step(run_dir: Path) -> int:
-    try:
-        return int(json.loads((run_dir / "progress.json").read_text(encoding="utf-8"))["step"])
-    except (OSError, ValueError, KeyError):
-        return 0
+    step = (read_progress(run_dir) or {}).get("step")
+    return step if isinstance(step, int) else 0
 
 
 def sacct_text(job_id: str) -> str:
-    from orchestrator.backends.slurm import SACCT_FIELDS
+    from orchestrator.backends.slurm.scheduler import SACCT_FIELDS
 
     res = subprocess.run(
         ["sacct", "-D", "-X", "-P", "-n", "-j", job_id, f"--format={SACCT_FIELDS}"],
@@ -152,7 +139,7 @@ def analyze(
     events: list[dict[str, Any]], sacct: str, signalled: float, queue: dict[str, float] | None = None
 ) -> dict[str, Any]:
     """The preemption timeline from a run's events and its job's sacct rows (no cluster needed)."""
-    from orchestrator.backends.slurm import parse_sacct
+    from orchestrator.backends.slurm.scheduler import parse_sacct
 
     queue = queue or {}
     starts = [e for e in events if e["event"] == "start"]
@@ -216,10 +203,10 @@ def measure(keep: Path | None = None) -> dict[str, Any]:
 
             def job_id() -> str | None:
                 try:
-                    attempts = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["attempts"]
-                except (OSError, ValueError, KeyError):
+                    attempts = runs.read_run(run_dir).attempts
+                except (RunNotFoundError, OSError, ValueError):
                     return None
-                return str(attempts[0]["job_id"]) if attempts and attempts[0].get("job_id") else None
+                return attempts[0].job_id if attempts and attempts[0].job_id else None
 
             job = _wait("the job id", job_id, 60)
             _wait(f"step {SIGNAL_AT_STEP}", lambda: _progress_step(run_dir) >= SIGNAL_AT_STEP, 300)

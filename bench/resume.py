@@ -42,6 +42,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Result, markdown_table, write_results
+from orchestrator.rundir.reports import read_events
 
 logger = logging.getLogger(__name__)
 
@@ -60,20 +61,6 @@ def write_config(path: Path, max_steps: int) -> Path:
     cfg = load_config(CONFIG, [*sets, "training.logging_steps=1"])
     path.write_text(dump_config(cfg), encoding="utf-8")
     return path
-
-
-def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    try:
-        lines = (run_dir / "events.jsonl").read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line being written
-    return out
 
 
 def _boot_time() -> float:

@@ -111,7 +111,7 @@ def _rank_main(rank: int, port: int, shape: Shape, variant: str, out_dir: str) -
     import deepspeed.comm.torch
     import torch.distributed as dist
 
-    # NOTE: skip the 55 s shm C++ JIT that training never uses (deepspeed-cpu.md, pitfall 1).
+    # NOTE: skip the 55 s shm C++ JIT that training never uses (docs/deepspeed-cpu.md, "The shm build").
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
     deepspeed.init_distributed(dist_backend="gloo")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

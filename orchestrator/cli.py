@@ -432,17 +432,11 @@ def export(
     home: HomeOption = None,
 ) -> None:
     """Write a Hugging Face folder (weights, config, modeling code, tokenizer) from a checkpoint."""
+    from orchestrator.lifecycle.export import export_run
     from orchestrator.rundir.runs import find_run_with_checkpoints
 
     run_dir = _run_cli(lambda: find_run_with_checkpoints(home_dir(home), run))
-
-    def _export() -> Path:
-        # NOTE: imported here: the export needs torch and transformers, which the CLI never loads.
-        from worker.export import export_run
-
-        return export_run(run_dir, out_dir, tag=checkpoint)
-
-    path = _run_cli(_export)
+    path = _run_cli(lambda: export_run(run_dir, out_dir, tag=checkpoint))
     out.print(Text(f"wrote {path}"))
 
 

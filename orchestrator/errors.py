@@ -1,4 +1,12 @@
-"""moe-orch's own exception types. The CLI maps each to one clear line and an exit code."""
+"""Every exception type of moe-orch (orchestrator and worker), in one place.
+
+`MoeOrchError` is the root of the errors a user can fix: the CLI (and the worker's `main`) turns
+each into one clear line and its `exit_code`, never a traceback. Three types sit outside that tree
+on purpose, because they must NOT be reported as one line (see the end of this file):
+`WorkerFailedError` and `InjectedFault` (RuntimeError) and `ExitWithoutProgress` (SystemExit).
+
+Import-light: the login node imports this module, so it needs nothing beyond the standard library.
+"""
 
 from __future__ import annotations
 
@@ -70,6 +78,12 @@ class SchedulerError(MoeOrchError):
     exit_code = 3
 
 
+class UnknownExecutorError(MoeOrchError):
+    """No scheduler backend has this name (`cluster.executor`, or a run.json's `executor`)."""
+
+    exit_code = 2
+
+
 class CheckpointError(MoeOrchError):
     """No valid checkpoint where one is needed (missing, incomplete or damaged)."""
 
@@ -80,3 +94,44 @@ class ExportError(MoeOrchError):
     """A checkpoint cannot be turned into a Hugging Face folder (missing files, wrong layout)."""
 
     exit_code = 2
+
+
+class PlotError(MoeOrchError):
+    """`plot`: the run has no `metrics.jsonl`, or no logged step in it yet."""
+
+    exit_code = 2
+
+
+class NothingToCancelError(MoeOrchError):
+    """`cancel`: the run already ended (completed or failed)."""
+
+
+class TokenizerError(MoeOrchError):
+    """No usable tokenizer: the saved one is missing where it must exist, or it lacks an eos token."""
+
+    exit_code = 2
+
+
+# --- Outside the MoeOrchError tree ------------------------------------------------------------------
+# NOTE: these are not user errors with a one-line fix; a MoeOrchError would hide their traceback.
+
+
+class WorkerFailedError(RuntimeError):
+    """The worker returned a non-zero exit code (its traceback is in the rank's .err log).
+
+    Raised by the submitit job function (`orchestrator.lifecycle.job.run_worker`), so submitit
+    records the task as failed.
+    """
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a `MOE_ORCH_FAULT` hook (tests of crash handling): it must look like a real crash
+    (traceback on the rank's stderr, an `exit` event with reason `failed`)."""
+
+
+class ExitWithoutProgress(SystemExit):
+    """`MOE_ORCH_FAULT=exit_without_progress`: leave with code 1, no exit event.
+
+    A SystemExit, so the worker's `except Exception` (which writes the `failed` exit event) lets it
+    through; `worker.__main__.main` maps it to exit code 1.
+    """

@@ -1,4 +1,6 @@
-"""Helpers for end-to-end tests (the CLI as a subprocess, run files, waits) and the localhost SLURM.
+"""Helpers for the tests: the repository root, a free port, and for end-to-end tests the CLI as a
+subprocess, run files, waits and the localhost SLURM. Test modules import them (`from helpers import
+REPO`): pytest puts tests/ on sys.path, as tests/ is not a package.
 
 Every wait polls with a deadline and fails with what it last saw, never sleeps blindly.
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -15,11 +18,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from orchestrator.rundir import reports
+
 REPO = Path(__file__).resolve().parents[1]
 NODE_SH = REPO / "tools" / "slurm-local" / "node.sh"
 FINAL = ("completed", "failed", "cancelled")
 
 T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a rendezvous or a gloo group)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def cluster_up() -> bool:
@@ -80,26 +92,13 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval:
 
 def events(run_dir: Path, kind: str | None = None) -> list[dict[str, Any]]:
     """events.jsonl (a torn last line is skipped), optionally only one kind."""
-    try:
-        text = (run_dir / "events.jsonl").read_text()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            ev = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if kind is None or ev.get("event") == kind:
-            out.append(ev)
-    return out
+    return [ev for ev in reports.read_events(run_dir) if kind is None or ev["event"] == kind]
 
 
 def progress_step(run_dir: Path) -> int:
-    try:
-        return int(json.loads((run_dir / "progress.json").read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return 0
+    """The step in progress.json (0 before the first one)."""
+    step = (reports.read_progress(run_dir) or {}).get("step")
+    return step if isinstance(step, int) else 0
 
 
 def wait_step(run_dir: Path, step: int, timeout: float = 120) -> int:
@@ -137,12 +136,7 @@ def watch_until_final(run_id: str, home: Path, timeout: float = 300) -> tuple[di
 
 def train_losses(run_dir: Path) -> list[tuple[int, float]]:
     """(step, loss) of every training line of metrics.jsonl, in file order (eval lines skipped)."""
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out.append((int(rec["step"]), float(rec["loss"])))
-    return out
+    return [(int(rec["step"]), float(rec["loss"])) for rec in reports.read_metrics(run_dir) if "loss" in rec]
 
 
 def checkpoint_tensors(ckpt: Path) -> dict[str, Any]:

@@ -15,11 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from bench import cli_latency, preemption, run_all
 from bench.common import Result
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _rows(path: Path) -> list[Result]:

@@ -1,4 +1,4 @@
-"""worker.checkpoint's file-level contract: manifests, verification, `latest`, pruning (no torch)."""
+"""orchestrator.rundir.checkpoints: manifests, verification, `latest`, pruning (no torch)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from worker import checkpoint as ckpt
+from orchestrator.rundir import checkpoints as ckpt
 
 
 def fake_save(run_dir: Path, step: int, keep: int | None = None, payload: bytes = b"weights") -> Path:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
@@ -15,7 +16,6 @@ from orchestrator.rundir import runs
 from orchestrator.rundir.runs import Attempt, RunRecord
 from orchestrator.spec.schemadoc import REFERENCE_PATH, config_reference_markdown
 
-REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
 
 

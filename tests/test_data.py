@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from helpers import REPO
 
+from orchestrator.errors import TokenizerError
 from orchestrator.spec.qa_format import QAExample, read_qa_file
 from orchestrator.spec.schema import RunConfig
 from worker.data import (
@@ -26,12 +28,11 @@ from worker.data import (
     make_splits,
     tokenizer_texts,
 )
-from worker.tokenizer import TokenizerError, load_or_train_tokenizer, load_or_train_tokenizer_on_ranks
+from worker.tokenizer import load_or_train_tokenizer, load_or_train_tokenizer_on_ranks
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "configs" / "data" / "qa_sample.jsonl"
 
 

@@ -6,9 +6,11 @@ import os
 
 import pytest
 
+from orchestrator.backends.local import LocalRunningJob
 from orchestrator.backends.nodelist import expand_nodelist
+from orchestrator.backends.slurm.injob import parse_time
 from worker.dist import derived_port, first_host, resolve_dist
-from worker.signals import Faults, parse_slurm_time, stop_reason
+from worker.signals import Faults, stop_reason
 
 
 @pytest.mark.parametrize(
@@ -125,17 +127,18 @@ def test_an_unknown_fault_hook_names_the_valid_ones() -> None:
 
 @pytest.mark.parametrize("text", ["N/A", "Unknown", "NONE", ""])
 def test_slurm_time_without_a_date_is_none(text: str) -> None:
-    assert parse_slurm_time(text) is None
+    assert parse_time(text) is None
 
 
 def test_stop_is_a_timeout_when_the_end_is_within_signal_delay_plus_90_s() -> None:
-    end = parse_slurm_time("2026-11-28T16:00:00\n")
+    end = parse_time("2026-11-28T16:00:00\n")
     assert end is not None
     assert stop_reason(end_time=end, signal_delay_s=120, now=end - 150) == "timeout"
     assert stop_reason(end_time=end, signal_delay_s=120, now=end - 3600) == "preempted"
     assert stop_reason(end_time=None, signal_delay_s=120, now=end) == "preempted"
     # submitit's local executor: timeout measured from the process start.
-    local = stop_reason(
-        end_time=None, signal_delay_s=30, now=1000.0, local_timeout_s=600, process_start=500.0
-    )
-    assert local == "timeout"
+    local = LocalRunningJob.from_env({"SUBMITIT_LOCAL_TIMEOUT_S": "600"})
+    assert LocalRunningJob(timeout_s=600, process_start=500.0).time_limit_end() == 1100.0
+    assert local.time_limit_end() == local.process_start + 600
+    assert stop_reason(end_time=1100.0, signal_delay_s=30, now=1000.0) == "timeout"
+    assert LocalRunningJob.from_env({}).time_limit_end() is None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,24 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import moe_orch
+from helpers import REPO, free_port, moe_orch
 
 from orchestrator.errors import CheckpointError, ExportError, RunNotFoundError
 from orchestrator.spec.loading import dump_config
 from orchestrator.spec.schema import RunConfig
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny-cpu.yaml"
 TEXTS = [f"Question: what is {a} plus {b}?\nAnswer: {a + b}" for a in range(40) for b in range(5)]
 # What transformers prints (on stdout, then waits up to 15 s) before it runs a folder's own code.
 REMOTE_CODE_PROMPT = "Do you wish to run the custom code?"
 TRANSFORMERS_MAJOR = int(importlib.metadata.version("transformers").split(".")[0])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -79,7 +71,7 @@ RANK_SCRIPT = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     import deepspeed, deepspeed.comm.torch
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # notes, pitfall 1
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # docs/deepspeed-cpu.md, "The shm build"
     from transformers import AutoTokenizer
     from orchestrator.spec.loading import load_resolved
     from worker.checkpoint import save_checkpoint
@@ -117,7 +109,7 @@ RANK_SCRIPT = textwrap.dedent(
 def _train_ranks(run_dir: Path, world_size: int) -> None:
     script = run_dir.parent / "rank_main.py"
     script.write_text(RANK_SCRIPT)
-    port = str(_free_port())
+    port = str(free_port())
     procs = [
         subprocess.Popen(
             [sys.executable, str(script), str(run_dir)],

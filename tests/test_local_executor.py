@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 from helpers import moe_orch
 
-REPO = Path(__file__).resolve().parents[1]
-
 pytestmark = pytest.mark.slow
 Run = tuple[Path, str, subprocess.CompletedProcess[str]]  # home, run id, the `submit --wait` result
 

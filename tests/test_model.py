@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from helpers import free_port
 
 from orchestrator.spec.schema import RunConfig
 
 VOCAB = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,7 +27,7 @@ def single_rank_dist() -> Iterator[None]:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
     if not dist.is_initialized():
         # NOTE: tcp:// instead of env:// so RANK/MASTER_* never leak into other tests' subprocesses.
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend="gloo")
     yield
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,18 +12,13 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import free_port
 from torch import nn
 
 from worker.moe_dropless import DroplessMoE
 
 D, F, E = 16, 32, 4  # d_model, expert FFN width, experts
 ATOL = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +29,15 @@ def ds_world() -> Iterator[None]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        # NOTE: skips the 55 s shm C++ JIT that init_distributed triggers on CPU (deepspeed-cpu.md,
-        # pitfall 1); training never uses it. `import deepspeed.comm.torch` would bind torch itself.
+        # NOTE: skips the 55 s shm C++ JIT that init_distributed triggers on CPU (docs/deepspeed-cpu.md,
+        # "The shm build"); training never uses it. `import deepspeed.comm.torch` would bind torch itself.
         import deepspeed.comm.torch
 
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
         keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
         saved = {k: os.environ.get(k) for k in keys}
         os.environ.update(
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
         )
         try:
             deepspeed.init_distributed(dist_backend="gloo")

@@ -50,7 +50,6 @@ from helpers import (
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.slurm,
     pytest.mark.skipif(not cluster_up(), reason="localhost SLURM is not up (tools/slurm-local/start.sh)"),
 ]
 
@@ -225,7 +224,7 @@ def test_the_time_limit_signal_saves_requeues_as_timeout_and_the_run_completes(t
 
 
 def test_kill_9_during_a_save_leaves_a_partial_checkpoint_that_the_next_attempt_skips(tmp_path: Path) -> None:
-    from worker.checkpoint import verify_checkpoint
+    from orchestrator.rundir.checkpoints import verify_checkpoint
 
     # Every save holds 6 s between DeepSpeed's files and the manifest (MOE_ORCH_FAULT=hold_save:6).
     run_id, run_dir = submit(

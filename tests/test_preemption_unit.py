@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import REPO
 
+from orchestrator.backends.slurm import injob
 from orchestrator.lifecycle.validate import measured_save, runs_with_layout, validate
 from orchestrator.spec.loading import dump_config, load_config
 from worker import signals
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny-slurm.yaml"  # signal_delay_s: 60
 
 
@@ -114,8 +115,8 @@ def test_the_worker_reads_scontrol_requeue_answers(
         calls.append(args)
         return subprocess.CompletedProcess(args, returncode, "", stderr)
 
-    monkeypatch.setattr("worker.signals.subprocess.run", fake_run)
-    assert signals.requeue_slurm_job("46") is requeued
+    monkeypatch.setattr("orchestrator.backends.slurm.injob.subprocess.run", fake_run)
+    assert injob.requeue_job("46") is requeued
     assert calls == [["scontrol", "requeue", "46"]]
 
 
@@ -127,7 +128,7 @@ def test_the_worker_reads_scontrol_requeue_answers(
     ],
 )  # fmt: skip
 def test_slurm_time_limits_parse_to_seconds(text: str, seconds: float | None) -> None:
-    assert signals.parse_slurm_duration(text) == seconds
+    assert injob.parse_duration(text) == seconds
 
 
 def test_the_time_limit_is_the_start_plus_the_limit_not_the_end_slurm_moves_on_preemption(
@@ -137,10 +138,10 @@ def test_the_time_limit_is_the_start_plus_the_limit_not_the_end_slurm_moves_on_p
         assert args == ["squeue", "-h", "-j", "48", "-o", "%S|%l"], "not %e (now + GraceTime when preempted)"
         return subprocess.CompletedProcess(args, 0, "2026-11-28T16:08:31|1:00:00\n", "")
 
-    monkeypatch.setattr("worker.signals.subprocess.run", fake_run)
-    start = signals.parse_slurm_time("2026-11-28T16:08:31")
+    monkeypatch.setattr("orchestrator.backends.slurm.injob.subprocess.run", fake_run)
+    start = injob.parse_time("2026-11-28T16:08:31")
     assert start is not None
-    end = signals.slurm_end_time("48")
+    end = injob.SlurmRunningJob("48").time_limit_end()
     assert end == start + 3600
     # A partition preemption 11 s into a 60-minute job is a preemption, not a time limit.
     assert signals.stop_reason(end_time=end, signal_delay_s=60, now=start + 11) == "preempted"
@@ -149,7 +150,7 @@ def test_the_time_limit_is_the_start_plus_the_limit_not_the_end_slurm_moves_on_p
 def test_a_node_set_down_while_completing_its_dead_job_counts_as_unhealthy(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from orchestrator.backends import slurm
+    from orchestrator.backends.slurm import scheduler
 
     # sinfo right after `scontrol update State=DOWN` of a node whose slurmd died holding a job.
     answer = (
@@ -160,8 +161,8 @@ def test_a_node_set_down_while_completing_its_dead_job_counts_as_unhealthy(
         assert args[:2] == ["sinfo", "-h"] and args[-1] == "%N|%T|%E"
         return subprocess.CompletedProcess(args, 0, answer, "")
 
-    monkeypatch.setattr(slurm, "_run", fake_run)
-    assert slurm.unhealthy_nodes(["n1", "n2", "n3", "n4"]) == ["n1", "n3"]
+    monkeypatch.setattr(scheduler, "_run", fake_run)
+    assert scheduler.unhealthy_nodes(["n1", "n2", "n3", "n4"]) == ["n1", "n3"]
 
 
 # --- SIGTERM: cancellation or requeue? (scontrol show job -o, SLURM 22.05, as measured) ----------
@@ -177,8 +178,8 @@ PREEMPTED = "JobId=147 Restarts=0 JobState=COMPLETING PreemptTime=2026-11-28T17:
 def test_a_sigterm_is_a_cancellation_only_when_slurm_neither_requeued_nor_preempted_the_job(
     line: str, restart_count: int, cancelled: bool
 ) -> None:
-    job = signals.parse_scontrol_job(line)
-    assert signals.term_is_cancellation(job, restart_count) is cancelled
+    job = injob.parse_scontrol_job(line)
+    assert injob.term_is_cancellation(job, restart_count) is cancelled
 
 
 def test_moe_orch_cancel_is_seen_through_run_json(tmp_path: Path) -> None:

@@ -30,7 +30,6 @@ from helpers import (
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.slurm,
     pytest.mark.skipif(not cluster_up(), reason="localhost SLURM is not up (tools/slurm-local/start.sh)"),
 ]
 

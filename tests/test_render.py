@@ -128,7 +128,7 @@ def test_the_rendered_ds_config_is_the_dict_the_worker_gives_deepspeed() -> None
     for name in ("tiny-slurm", "mpt7b-moe-4x8", "mpt7b-moe-2x8-a100", "tiny-cpu"):
         cfg = load_config(name)
         text = render(cfg, run_dir=RUN_DIR, python=PYTHON)["ds_config.json"]
-        assert json.loads(text) == deepspeed_config(cfg)  # worker.train passes this same dict
+        assert json.loads(text) == deepspeed_config(cfg)  # worker.setup passes this same dict
 
 
 # --- the real readers accept the files ------------------------------------------------------------

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from orchestrator.render.files import render_to_dir
+from orchestrator.rundir.reports import read_events
 from orchestrator.spec.loading import load_config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.slow
@@ -41,6 +35,6 @@ def test_accelerate_launch_with_the_rendered_config_runs_both_ranks(tmp_path: Pa
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    events = read_events(tmp_path / "run")
     assert next(e for e in events if e["event"] == "start")["world_size"] == cfg.world_size == 2
     assert events[-1]["event"] == "exit" and events[-1]["reason"] == "completed"

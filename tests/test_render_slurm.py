@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.render.files import render_to_dir
+from orchestrator.rundir.reports import read_events
 from orchestrator.spec.loading import load_config
-
-pytestmark = [pytest.mark.slurm]
 
 
 def slurm_up() -> bool:
@@ -96,7 +95,7 @@ def test_rendered_sbatch_script_submitted_by_hand_trains_on_two_nodes(tmp_path: 
         subprocess.run(["scancel", job_id], check=False)
         pytest.fail(f"job {job_id} still running after 240 s")
     run = tmp_path / "run"
-    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    events = read_events(run)
     start = next(e for e in events if e["event"] == "start")
     assert start["world_size"] == 2 and start["nodes"] == ["n1", "n2"]
     assert events[-1]["event"] == "exit" and events[-1]["reason"] == "completed", events[-1]

@@ -11,10 +11,14 @@ from typing import Any
 
 import pytest
 
-from orchestrator.backends.slurm import Snapshot, parse_sacct, parse_squeue, parse_task_exits
+from orchestrator.backends import Observation
+from orchestrator.backends.local import LocalObservation
+from orchestrator.backends.slurm.backend import SlurmObservation
+from orchestrator.backends.slurm.scheduler import Snapshot, parse_sacct, parse_squeue
+from orchestrator.backends.slurm.task_reports import parse_task_exits
 from orchestrator.errors import RunNotFoundError
 from orchestrator.lifecycle.reconcile import Budgets, check_budgets, reconcile
-from orchestrator.rundir import runs
+from orchestrator.rundir import reports, runs
 from orchestrator.rundir.runs import Attempt, RunRecord
 
 NOW = time.time()
@@ -63,15 +67,20 @@ def snapshot(squeue: str = "", sacct: str = "") -> Snapshot:
 
 
 def refresh(rec: RunRecord, events: list[dict[str, Any]], snap: Snapshot | None, **kw: Any) -> RunRecord:
+    """Reconcile with what a poll would have seen: local controllers alive (`local_alive=`), or a
+    squeue/sacct snapshot and srun's task reports (`task_exits=`)."""
+    seen: Observation
+    if "local_alive" in kw:
+        seen = LocalObservation(kw["local_alive"])
+    else:
+        seen = SlurmObservation(snap, kw.get("task_exits") or {})
     return reconcile(
         rec,
         events,
         progress=kw.get("progress"),
-        snapshot=snap,
-        local_alive=kw.get("local_alive"),
+        observed=seen,
         budgets=Budgets.from_dict(rec.budgets),
         now=kw.get("now", NOW),
-        task_exits=kw.get("task_exits"),
     )
 
 
@@ -141,7 +150,7 @@ def test_home_is_flag_then_env_then_cwd_runs(tmp_path: Path, monkeypatch: pytest
 
 def test_torn_event_line_is_skipped(tmp_path: Path) -> None:
     (tmp_path / "events.jsonl").write_text(json.dumps(start("5")) + '\n{"event": "exi')
-    assert [e["event"] for e in runs.read_events(tmp_path)] == ["start"]
+    assert [e["event"] for e in reports.read_events(tmp_path)] == ["start"]
 
 
 # --- reconciling attempts ----------------------------------------------------------------------

@@ -15,12 +15,8 @@ from pathlib import Path
 import pytest
 from helpers import cluster_up, events, moe_orch, status_json, wait_for, wait_step
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.slurm,
     pytest.mark.skipif(not cluster_up(), reason="localhost SLURM is not up (tools/slurm-local/start.sh)"),
 ]
 

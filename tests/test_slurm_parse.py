@@ -7,16 +7,16 @@ import time
 import pytest
 from fakes import FakeSlurm
 
-from orchestrator.backends import slurm
-from orchestrator.backends.slurm import (
+from orchestrator.backends.slurm import scheduler
+from orchestrator.backends.slurm.scheduler import (
     expand_nodelist,
     parse_sacct,
     parse_squeue,
-    parse_task_exits,
     rows_since,
     split_state,
     stop_reason_for,
 )
+from orchestrator.backends.slurm.task_reports import parse_task_exits
 
 T0 = "2026-11-28T15:20:00"
 T1 = "2026-11-28T15:25:00"
@@ -134,7 +134,7 @@ def test_query_makes_one_squeue_and_one_sacct_call_for_many_jobs() -> None:
     with fake.context():
         for _ in range(5):
             fake._sbatch(["x"])
-        snap = slurm.query(list(fake.jobs))
+        snap = scheduler.query(list(fake.jobs))
     assert fake.count("squeue") == 1
     assert fake.count("sacct") == 1
     assert set(snap.queue) == set(fake.jobs)
@@ -151,7 +151,7 @@ def test_query_survives_missing_accounting() -> None:
     with fake.context():
         fake._sbatch(["x"])
         fake._sacct = broken_sacct  # type: ignore[method-assign]
-        snap = slurm.query(["100"])
+        snap = scheduler.query(["100"])
     assert snap.queue["100"].state == "PENDING"
     assert snap.errors and "sacct" in snap.errors[0]
 
@@ -161,7 +161,8 @@ def test_status_poll_does_not_import_torch() -> None:
     import sys
 
     code = (
-        "import sys, orchestrator.cli, orchestrator.lifecycle.status, orchestrator.backends.slurm, "
+        "import sys, orchestrator.cli, orchestrator.lifecycle.status, orchestrator.backends.slurm.backend, "
+        "orchestrator.backends.local, "
         "orchestrator.lifecycle.watch, orchestrator.lifecycle.logs, orchestrator.lifecycle.submit; "
         "assert 'torch' not in sys.modules and 'deepspeed' not in sys.modules, 'heavy import'"
     )

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 from fakes import FakeSlurm
+from helpers import REPO
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.errors import ConfigError, SubmissionError
+from orchestrator.errors import ConfigError, NothingToCancelError, SubmissionError
 from orchestrator.lifecycle import control, submit
 from orchestrator.lifecycle.bundle import redact_env
 from orchestrator.rundir import runs
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_SLURM = str(REPO / "configs" / "tiny-slurm.yaml")
 
 
@@ -165,8 +165,6 @@ def test_a_cancelled_run_cannot_be_resumed(fake: FakeSlurm, tmp_path: Path) -> N
 
 
 def test_cancel_refuses_a_completed_run(fake: FakeSlurm, tmp_path: Path) -> None:
-    from orchestrator.lifecycle.control import NothingToCancelError
-
     run_dir = _submit(tmp_path / "home")
     runs.update_run(run_dir, lambda r: setattr(r, "state", runs.COMPLETED))
     with pytest.raises(NothingToCancelError, match="already completed"):

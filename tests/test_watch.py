@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 from fakes import FakeSlurm
+from helpers import REPO
 
 from orchestrator.lifecycle import control, submit
 from orchestrator.lifecycle.watch import resume, watch, watch_once
 from orchestrator.rundir import runs
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_SLURM = str(REPO / "configs" / "tiny-slurm.yaml")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,23 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import REPO, free_port
 
-from worker import checkpoint as ckpt
-from worker.metrics import read_jsonl
+from orchestrator.rundir import checkpoints as ckpt
+from orchestrator.rundir.reports import read_events, read_metrics, read_progress
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny-cpu.yaml"
 SAMPLE = REPO / "configs" / "data" / "qa_sample.jsonl"
 REFERENCE = REPO / "tests" / "assets" / "losses" / "tiny-cpu.json"
 LEARN_STEPS = 300
 """Steps of the learning run: the fewest that reach eval loss <= 60% of the start with margin
 (measured: eval 6.24 -> 3.16, 51%, in 300 steps, 26 s of training)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cpu_env(fault: str | None = None) -> dict[str, str]:
@@ -47,7 +40,7 @@ def cpu_env(fault: str | None = None) -> dict[str, str]:
 
 
 def torchrun(args: Sequence[str]) -> list[str]:
-    port = str(_free_port())
+    port = str(free_port())
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
             "-m", "worker", *args]
 
@@ -74,15 +67,15 @@ def config_launch(
 
 def losses(run_dir: Path) -> dict[int, float]:
     """Training loss per logged step (the last line wins: a resumed run logs redone steps again)."""
-    return {int(r["step"]): r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+    return {int(r["step"]): r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 def evals(run_dir: Path) -> dict[int, float]:
-    return {int(r["step"]): r["eval_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "eval_loss" in r}
+    return {int(r["step"]): r["eval_loss"] for r in read_metrics(run_dir) if "eval_loss" in r}
 
 
 def events(run_dir: Path, name: str) -> list[dict[str, Any]]:
-    return [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == name]
+    return [e for e in read_events(run_dir) if e["event"] == name]
 
 
 def weights(checkpoint: Path) -> dict[str, Any]:
@@ -211,7 +204,7 @@ def test_losses_follow_the_reference_trajectory(tiny_run: Path) -> None:
 
 @pytest.mark.slow
 def test_metrics_progress_events_and_tensorboard_have_their_fields(tiny_run: Path) -> None:
-    lines = [r for r in read_jsonl(tiny_run / "metrics.jsonl") if "loss" in r]
+    lines = [r for r in read_metrics(tiny_run) if "loss" in r]
     assert [r["step"] for r in lines] == list(range(5, LEARN_STEPS + 1, 5))
     last = lines[-1]
     numeric = ("step", "epoch", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s")
@@ -222,13 +215,13 @@ def test_metrics_progress_events_and_tensorboard_have_their_fields(tiny_run: Pat
     labels = {"arithmetic", "definition", "factual_lookup", "list_recall", "unit_conversion"}
     assert set(last["label_routing"]) == labels
 
-    progress = json.loads((tiny_run / "progress.json").read_text())
-    assert set(progress) == {
+    progress = read_progress(tiny_run)
+    assert progress is not None and set(progress) == {
         "step", "total_steps", "epoch", "loss", "tokens_per_s", "step_time_s", "time", "attempt_key"
     }
     assert progress["step"] == progress["total_steps"] == LEARN_STEPS
 
-    names = [e["event"] for e in read_jsonl(tiny_run / "events.jsonl")]
+    names = [e["event"] for e in read_events(tiny_run)]
     assert names[:2] == ["start", "first_step"] and names[-1] == "exit"
     start = events(tiny_run, "start")[0]
     assert start["world_size"] == 2 and start["resumed_from"] is None and start["steps_redone"] == 0
@@ -320,7 +313,7 @@ def test_usr2_on_one_rank_makes_all_ranks_save_together_and_exit_75(tmp_path: Pa
     assert exit_event["reason"] == "preempted" and exit_event["requeued"] is False
     assert exit_event["step"] == stop["step"]
     assert ckpt.latest_valid_checkpoint(run_dir) == run_dir / "checkpoints" / ckpt.tag_for_step(stop["step"])
-    assert json.loads((run_dir / "progress.json").read_text())["step"] == stop["step"]
+    assert (read_progress(run_dir) or {}).get("step") == stop["step"]
 
 
 @pytest.mark.slow
@@ -380,13 +373,13 @@ def test_deepspeed_config_follows_the_run_config() -> None:
     ],
 )
 def test_lr_warms_up_linearly_then_decays(schedule: str, step: int, factor: float) -> None:
-    from worker.train import lr_multiplier
+    from worker.schedule import lr_multiplier
 
     assert lr_multiplier(step, warmup=10, total=100, schedule=schedule) == pytest.approx(factor, abs=1e-9)
 
 
 def test_micro_batch_seeds_differ_by_step_micro_and_rank_and_repeat() -> None:
-    from worker.train import step_seed
+    from worker.schedule import step_seed
 
     seeds = {step_seed(42, s, m, r) for s in range(3) for m in range(2) for r in range(2)}
     assert len(seeds) == 12

@@ -34,10 +34,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from orchestrator.errors import MoeOrchError
+from orchestrator.errors import ExitWithoutProgress, MoeOrchError
+from orchestrator.rundir.exitcodes import EXIT_FAILED, EXIT_USAGE
 from orchestrator.spec.loading import apply_overrides, dump_config, load_config, validate_data
 from orchestrator.spec.schema import RunConfig
-from worker.signals import EXIT_FAILED, EXIT_USAGE
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / "run.yaml").exists():
             (run_dir / "run.yaml").write_text(dump_config(cfg))
-    from worker.train import ExitWithoutProgress, run
+    from worker.train import run
 
     try:
         return run(cfg, run_dir)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.backends.nodelist import expand_nodelist
+from orchestrator.rundir.runs import attempt_key
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class DistInfo:
     @property
     def attempt_key(self) -> str:
         """`<job_id>.<SLURM_RESTART_COUNT or 0>`: one key per attempt of a run (docs/design.md)."""
-        return f"{self.job_id}.{self.restart_count}"
+        return attempt_key(self.job_id, self.restart_count)
 
 
 def first_host(nodelist: str) -> str:
@@ -175,7 +176,7 @@ def skip_shm_build() -> None:
     """Skip DeepSpeed's 55 s `deepspeed_shm_comm` JIT build on CPU (training never uses it).
 
     NOTE: `import deepspeed.comm.torch as m` would bind torch itself (deepspeed.comm exports
-    `torch`), hence sys.modules (notes/deepspeed-cpu.md, pitfall 1).
+    `torch`), hence sys.modules (docs/deepspeed-cpu.md, "The shm build").
     """
     import deepspeed.comm.torch  # noqa: F401
 

@@ -1,7 +1,7 @@
 """Hugging Face export: a DeepSpeed checkpoint -> a folder `from_pretrained` loads without moe-orch.
 
-Runs offline in one process. It reads the checkpoint files every rank wrote (deepspeed-cpu.md,
-"Checkpointing"):
+Runs offline in one process. It reads the checkpoint files every rank wrote (docs/deepspeed-cpu.md,
+"Checkpoint layout"):
     mp_rank_00_model_states.pt                       non-expert weights under "module"
     layer_{L}_expert_{E}_mp_rank_00_model_states.pt  global expert E of the L-th MoE layer, written
                                                      by the rank that owned it
@@ -26,6 +26,12 @@ from typing import Any, cast
 import torch
 
 from orchestrator.errors import CheckpointError, ExportError
+from orchestrator.rundir.checkpoints import (
+    checkpoints_dir,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    verify_checkpoint,
+)
 from orchestrator.spec.schema import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -251,8 +257,6 @@ def export_checkpoint(ckpt_dir: Path, run_config: RunConfig, tokenizer_dir: Path
 
 
 def _choose_checkpoint(run_dir: Path, tag: str | None) -> Path:
-    from worker.checkpoint import latest_valid_checkpoint, list_checkpoints, verify_checkpoint
-
     tags = [info.tag for info in list_checkpoints(run_dir)]
     have = f"checkpoints there: {', '.join(tags)}" if tags else "it has no checkpoints yet"
     if tag is None:
@@ -260,7 +264,7 @@ def _choose_checkpoint(run_dir: Path, tag: str | None) -> Path:
         if path is None:
             raise CheckpointError(f"run {run_dir.name} has no valid checkpoint to export ({have})")
         return path
-    path = run_dir / "checkpoints" / tag
+    path = checkpoints_dir(run_dir) / tag
     if not path.is_dir():
         raise CheckpointError(f"run {run_dir.name} has no checkpoint {tag!r} ({have})")
     if not verify_checkpoint(path):

@@ -1,11 +1,9 @@
-"""What the run reports on disk (global rank 0 only): events, progress, metrics and TensorBoard.
+"""What the run reports (global rank 0 only): events, progress, metrics and TensorBoard.
 
-Formats are the contract in docs/design.md:
-- `events.jsonl`: start, first_step, signal, checkpoint, exit (appended, one JSON per line);
-- `progress.json`: rewritten atomically after every optimizer step;
-- `metrics.jsonl`: one line per logged step (step, epoch, loss, lm_loss, aux_loss, lr, grad_norm,
-  tokens_per_s, step_time_s, expert_load, label_routing) and eval lines `{"step", "eval_loss"}`;
-- `tb/`: TensorBoard events with the same scalars.
+The files `events.jsonl`, `progress.json` and `metrics.jsonl` (their formats, writers and readers)
+belong to `orchestrator.rundir.reports`; `Reporter` calls it and adds TensorBoard (`tb/`) with the
+same scalars. Metrics lines hold step, epoch, loss, lm_loss, aux_loss, lr, grad_norm, tokens_per_s,
+step_time_s, expert_load and label_routing; eval lines `{"step", "eval_loss"}`.
 
 Routing statistics (`RoutingStats`) are accumulated per micro-batch on every rank (no
 communication) and all-reduced once per logged step:
@@ -18,56 +16,18 @@ Other ranks get a `Reporter(enabled=False)` whose methods do nothing, so the loo
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worker.checkpoint import atomic_write_text
+from orchestrator.rundir import reports
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
 
-EVENTS = "events.jsonl"
-PROGRESS = "progress.json"
-METRICS = "metrics.jsonl"
 TB_DIR = "tb"
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as fh:
-        fh.write(json.dumps(record, sort_keys=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Every complete JSON line of a file (a torn last line is skipped)."""
-    records = []
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return []
-    for line in text.splitlines():
-        try:
-            value = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            records.append(value)
-    return records
-
-
-def read_progress(run_dir: str | Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((Path(run_dir) / PROGRESS).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 class Reporter:
@@ -91,7 +51,7 @@ class Reporter:
     def event(self, name: str, **fields: Any) -> None:
         if not self.enabled:
             return
-        _append_jsonl(self.run_dir / EVENTS, {"event": name, "time": time.time(), **fields})
+        reports.append_event(self.run_dir, name, **fields)
 
     def progress(
         self,
@@ -105,23 +65,22 @@ class Reporter:
     ) -> None:
         if not self.enabled:
             return
-        record = {
-            "step": step,
-            "total_steps": total_steps,
-            "epoch": epoch,
-            "loss": loss,
-            "tokens_per_s": tokens_per_s,
-            "step_time_s": step_time_s,
-            "time": time.time(),
-            "attempt_key": self.attempt_key,
-        }
-        atomic_write_text(self.run_dir / PROGRESS, json.dumps(record) + "\n")
+        reports.write_progress(
+            self.run_dir,
+            step=step,
+            total_steps=total_steps,
+            epoch=epoch,
+            loss=loss,
+            tokens_per_s=tokens_per_s,
+            step_time_s=step_time_s,
+            attempt_key=self.attempt_key,
+        )
 
     def log_step(self, record: dict[str, Any]) -> None:
         """One metrics.jsonl line; its numeric fields and expert loads also go to TensorBoard."""
         if not self.enabled:
             return
-        _append_jsonl(self.run_dir / METRICS, record)
+        reports.append_metrics(self.run_dir, record)
         if self._tb is None:
             return
         step = int(record["step"])
@@ -136,7 +95,7 @@ class Reporter:
     def log_eval(self, step: int, eval_loss: float) -> None:
         if not self.enabled:
             return
-        _append_jsonl(self.run_dir / METRICS, {"step": step, "eval_loss": eval_loss})
+        reports.append_eval(self.run_dir, step, eval_loss)
         if self._tb is not None:
             self._tb.add_scalar("eval/loss", eval_loss, step)
 

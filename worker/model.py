@@ -81,8 +81,8 @@ class MoeFFN(nn.Module):
 
     def train(self, mode: bool = True) -> MoeFFN:
         super().train(mode)
-        # NOTE: top-2 samples its second expert with Gumbel noise even in eval (notes, pitfall 5);
-        # keep DeepSpeed's sampling for training and make eval deterministic.
+        # NOTE: top-2 samples its second expert with Gumbel noise even in eval (docs/deepspeed-cpu.md,
+        # "MoE evaluation"); keep DeepSpeed's sampling for training and make eval deterministic.
         gate = getattr(getattr(self.moe, "deepspeed_moe", None), "gate", None)
         if gate is not None and hasattr(gate, "top2_2nd_expert_sampling"):
             gate.top2_2nd_expert_sampling = mode

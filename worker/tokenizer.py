@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator.errors import MoeOrchError
+from orchestrator.errors import TokenizerError
 from orchestrator.spec.schema import RunConfig
 
 if TYPE_CHECKING:
@@ -45,12 +45,6 @@ SAVED_MARKER = "tokenizer_config.json"
 PLAIN_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 # transformers 5's name for a tokenizer defined by tokenizer.json alone; transformers 4 has no such class.
 _GENERIC_TOKENIZER_CLASSES = frozenset({"TokenizersBackend"})
-
-
-class TokenizerError(MoeOrchError):
-    """No usable tokenizer: the saved one is missing where it must exist, or it lacks an eos token."""
-
-    exit_code = 2
 
 
 def has_saved_tokenizer(save_dir: Path | None) -> bool:

@@ -14,14 +14,11 @@ import sys
 import time
 from collections.abc import Mapping
 
+from orchestrator.errors import WorkerFailedError
+from orchestrator.rundir import runs
+from orchestrator.rundir.exitcodes import EXIT_COMPLETED, EXIT_FAILED, EXIT_STOPPED
+
 logger = logging.getLogger(__name__)
-
-EXIT_STOPPED = 75  # worker.signals.EXIT_STOPPED (not imported: worker pulls in its own deps)
-
-
-class WorkerFailedError(RuntimeError):
-    """The worker returned a non-zero exit code (its traceback is in the rank's .err log)."""
-
 
 ATTEMPT_MARKER = "=== moe-orch attempt "
 """Start of the line every rank writes to its stdout and stderr when it starts: `logs` splits the
@@ -31,7 +28,7 @@ per-rank files (SLURM requeues append to them) into attempts at these lines."""
 def attempt_key() -> str:
     """`<job_id>.<restart>` as the worker's start event writes it (local: `<pid>.0`)."""
     job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or str(os.getpid())
-    return f"{job_id}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    return runs.attempt_key(job_id, int(os.environ.get("SLURM_RESTART_COUNT") or 0))
 
 
 def marker_line(key: str, rank: str) -> str:
@@ -52,8 +49,9 @@ def run_worker(run_yaml: str, run_dir: str, env: Mapping[str, str]) -> int:
     # NOTE: submitit writes its result pickle after we return; then the process must end without
     # the interpreter's teardown, which can abort (SIGABRT, exit 134) on a gloo thread
     # (worker.__main__.exit_process). atexit runs while the interpreter is still whole.
-    atexit.register(exit_process, 0 if code in (0, EXIT_STOPPED) else 1)
-    if code in (0, EXIT_STOPPED):
+    ok = code in (EXIT_COMPLETED, EXIT_STOPPED)
+    atexit.register(exit_process, EXIT_COMPLETED if ok else EXIT_FAILED)
+    if ok:
         # 75: stopped on a signal after a durable checkpoint (requeued, or resumable): not an error.
         return code
     if code:

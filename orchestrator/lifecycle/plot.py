@@ -8,19 +8,15 @@ inside `plot_run`, so the CLI starts fast.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import MoeOrchError
+from orchestrator.errors import PlotError
+from orchestrator.rundir import reports
 
 logger = logging.getLogger(__name__)
-
-
-class PlotError(MoeOrchError):
-    exit_code = 2
 
 
 @dataclass
@@ -42,24 +38,20 @@ class Series:
         return labels, [[v / max(1, self.label_n[lab]) for v in self.label_sum[lab]] for lab in labels]
 
 
-def read_metrics(run_dir: Path) -> Series:
-    """Parse metrics.jsonl; a later line for a step already seen (redone after a resume)
-    replaces the earlier one."""
-    path = run_dir / "metrics.jsonl"
+def metric_series(run_dir: Path) -> Series:
+    """The plotted series from metrics.jsonl; a later line for a step already seen (redone after a
+    resume) replaces the earlier one."""
+    path = reports.metrics_path(run_dir)
     train: dict[int, dict[str, Any]] = {}
     evals: dict[int, float] = {}
     try:
-        text = path.read_text()
+        lines = reports.read_metrics(run_dir, missing_ok=False)
     except FileNotFoundError:
         raise PlotError(
             f"{path} does not exist yet: the run has logged no step (see `moe-orch status`)"
         ) from None
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+    for rec in lines:
+        if not isinstance(rec.get("step"), int):
             continue
         if "eval_loss" in rec:
             evals[rec["step"]] = float(rec["eval_loss"])
@@ -97,7 +89,7 @@ def plot_run(run_dir: Path, out: Path, *, title: str | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = read_metrics(run_dir)
+    s = metric_series(run_dir)
     layers = sorted(s.expert_load, key=lambda x: (len(x), x))
     n_panels = 3 + len(layers)
     cols = 2

@@ -1,19 +1,13 @@
-"""Bring a run record up to date from the worker's events and one scheduler snapshot (pure).
+"""Bring a run record up to date from the worker's events and one scheduler observation (pure).
 
 Sources, in order of trust:
 1. `events.jsonl` (the worker): `start` opens an attempt (keyed by `attempt_key` =
    `<job_id>.<restart>`), `exit` closes it with the worker's own stop reason.
-2. The scheduler snapshot (squeue + sacct -D, or the local controller's pid): closes attempts
-   that died without an `exit` event (killed, NODE_FAIL, OUT_OF_MEMORY, PREEMPTED without a
-   signal) and tells whether SLURM requeued the job.
-3. Time: an attempt that is gone from both squeue and sacct for `LOST_AFTER_S` is declared lost
-   (sacct lags about a second behind a state change, so absence alone is not proof).
-4. srun's task reports (`slurm.task_exits`): a failed attempt's error names the rank that ended
-   first, on which node and how (`rank 1 on n2 was killed by signal 9 (SIGKILL)`), then what its
-   peers said (rank 0's `exit` event: typically gloo's "Connection reset by peer").
-
-An ended attempt whose job the scheduler still shows alive is `slurm_state` `finishing` (the ranks
-are leaving, sacct lags) until the scheduler's final state and exit code arrive.
+2. What the run's backend saw at the poll (`backends.Observation`, gathered before the events were
+   read): it closes attempts that died without an `exit` event and tells whether the job is still
+   alive. SLURM (`backends/slurm/attempts.py`, `task_reports.py`): squeue + sacct -D (requeues,
+   NODE_FAIL, OUT_OF_MEMORY, PREEMPTED without a signal, a job lost from both), and srun's reports
+   of the rank that ended first; submitit's local executor (`backends/local.py`): the controller's pid.
 
 Budgets (`cluster.max_failures`, `max_preemptions`, `max_attempts_without_progress`) decide
 whether a run whose last attempt stopped without a requeue is `stopped` (watch/resume may
@@ -23,28 +17,15 @@ resubmit it) or `failed`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.backends.slurm import (
-    ALIVE_STATES,
-    SUBMIT_SLACK_S,
-    AcctRow,
-    QueueRow,
-    Snapshot,
-    TaskExit,
-    expand_nodelist,
-    rows_since,
-    stop_reason_for,
-)
+from orchestrator.backends.base import Observation
 from orchestrator.rundir import runs
 from orchestrator.rundir.runs import Attempt, RunRecord
 
 logger = logging.getLogger(__name__)
-
-LOST_AFTER_S = 60.0
-"""An attempt absent from squeue and sacct this long after it was last seen is lost."""
 
 
 @dataclass(frozen=True)
@@ -150,161 +131,6 @@ def _bump_step(att: Attempt, step: Any) -> None:
         att.last_step = step
 
 
-# --- scheduler ----------------------------------------------------------------------------------
-
-
-def _queue_row(snap: Snapshot, att: Attempt, first_submit: float | None) -> QueueRow | None:
-    row = snap.queue.get(att.job_id or "")
-    if row is None:
-        return None
-    if first_submit is not None and row.submit is not None and row.submit < first_submit - SUBMIT_SLACK_S:
-        return None  # an older job with a reused id
-    return row
-
-
-def _acct_row(snap: Snapshot, att: Attempt, first_submit: float | None) -> AcctRow | None:
-    rows = rows_since(snap.acct.get(att.job_id or "", []), first_submit)
-    if not rows:
-        return None
-    # sacct -D: one row per run of the job, oldest first; row i is restart i.
-    return rows[att.restart] if att.restart < len(rows) else None
-
-
-def apply_scheduler(rec: RunRecord, snap: Snapshot, now: float) -> None:
-    """Close or update attempts from squeue/sacct (SLURM runs)."""
-    first_submit: dict[str, float | None] = {}
-    for att in rec.attempts:
-        if att.job_id and att.job_id not in first_submit:
-            first_submit[att.job_id] = att.submitted
-    for att in rec.attempts:
-        if not att.job_id:
-            continue
-        latest_of_job = att is [a for a in rec.attempts if a.job_id == att.job_id][-1]
-        q = _queue_row(snap, att, first_submit.get(att.job_id))
-        acct = _acct_row(snap, att, first_submit.get(att.job_id))
-        if acct is not None and acct.final:
-            att.slurm_state = acct.state + (f" by {acct.cancelled_by}" if acct.cancelled_by else "")
-            att.exit_code = acct.exit_code
-        if att.state == "ended":
-            if acct is None or not acct.final:
-                shown_alive = att.slurm_state is not None and att.slurm_state.split()[0] in ALIVE_STATES
-                if q is not None and not q.alive and latest_of_job:
-                    att.slurm_state = q.state  # finished, sacct not there yet
-                elif shown_alive or (att.slurm_state is None and latest_of_job and q is not None and q.alive):
-                    # NOTE: the worker's exit event comes before the scheduler's final record (the
-                    # ranks are still leaving; sacct lags about a second): an ended attempt is never
-                    # shown RUNNING.
-                    att.slurm_state = runs.SLURM_FINISHING
-            if acct is not None and acct.state == "REQUEUED" and not att.requeued:
-                # SLURM requeued the job itself (`scontrol requeue`, preemption): the worker's
-                # exit event may say it could not requeue; the job comes back all the same.
-                att.requeued = True
-            continue
-        if q is not None and q.alive and latest_of_job:
-            att.last_seen_alive = now
-            if att.started and q.state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
-                # The job was requeued (by the worker, by SLURM on preemption or node failure).
-                att.state = "ended"
-                att.requeued = True
-                att.ended = (acct.end if acct else None) or now
-                att.stop_reason = (stop_reason_for(acct.state) if acct else None) or "preempted"
-            else:
-                att.slurm_state = q.state
-                if not att.nodes and q.nodelist:
-                    att.nodes = expand_nodelist(q.nodelist)
-            continue
-        final_state: str | None = None
-        ended: float | None = None
-        if acct is not None and acct.final:
-            final_state, ended = acct.state, acct.end
-        elif q is not None and not q.alive and latest_of_job:
-            final_state = q.state
-        if final_state is not None:
-            att.state = "ended"
-            att.ended = ended or now
-            att.slurm_state = att.slurm_state or final_state
-            att.stop_reason = stop_reason_for(final_state) or "failed"
-            if acct is not None and acct.state in ("NODE_FAIL", "PREEMPTED", "REQUEUED"):
-                att.requeued = q is not None and q.alive
-            if att.stop_reason not in ("completed", "cancelled") and not att.error:
-                att.error = f"SLURM state {final_state} without an exit event from the worker"
-            continue
-        seen = att.last_seen_alive or att.submitted or now
-        if not snap.errors and now - seen > LOST_AFTER_S:
-            att.state = "ended"
-            att.ended = now
-            att.stop_reason = "failed"
-            att.error = "the job vanished from squeue and sacct without an exit event"
-
-
-def explain_failure(reports: Sequence[TaskExit], worker_error: str | None) -> str | None:
-    """A failed attempt's error from srun's task reports (in the order the tasks ended) and rank 0's
-    own error (its `exit` event): the rank that ended first is the cause, the rest what followed.
-    None when the error already in the record says more."""
-    if not reports:
-        return None
-    cause, *rest = reports
-    if worker_error is not None:
-        if 0 in cause.ranks:
-            return None  # rank 0 ended first and said why (even if it then died at exit)
-        # NOTE: rank 0 writes the events, so its error is a symptom when another rank ended first
-        # (a dead peer shows as gloo's "Connection reset by peer ... GLHF!").
-        return f"{cause.describe()}; then rank 0: {worker_error}"
-    if not cause.died:
-        return None  # it exited with a code: its pickled traceback says why (status.result_error)
-    then = "; ".join(r.describe() for r in rest)
-    return cause.describe() + (f"; then {then}" if then else "")
-
-
-def apply_task_exits(
-    rec: RunRecord, task_exits: Mapping[str, Sequence[TaskExit]], worker_errors: Mapping[str, str]
-) -> None:
-    """Name the rank that ended first in each failed attempt (srun's reports, by job id)."""
-    for att in rec.attempts:
-        if att.state != "ended" or att.stop_reason != "failed" or not att.job_id:
-            continue
-        if att is not [a for a in rec.attempts if a.job_id == att.job_id][-1]:
-            continue  # srun's reports are those of the job's last run
-        explained = explain_failure(task_exits.get(att.job_id, ()), worker_errors.get(att.attempt_key or ""))
-        if explained:
-            att.error = explained
-
-
-def _worker_errors(events: list[dict[str, Any]]) -> dict[str, str]:
-    """The error of each attempt's `exit` event, by attempt key (rank 0's words)."""
-    key: str | None = None
-    out: dict[str, str] = {}
-    for ev in events:
-        if ev.get("event") == "start":
-            key = str(ev.get("attempt_key"))
-        elif ev.get("event") == "exit" and key is not None and ev.get("error"):
-            out[key] = str(ev["error"])
-    return out
-
-
-def apply_local(rec: RunRecord, alive: Mapping[str, bool], now: float) -> None:
-    """Close attempts of local jobs whose controller process is gone without an `exit` event."""
-    for att in rec.attempts:
-        if not att.job_id:
-            continue
-        if att.state == "ended":
-            if att.slurm_state == "RUNNING":  # the worker wrote its exit event
-                att.slurm_state = "EXITED"
-            continue
-        if alive.get(att.job_id, False):
-            att.last_seen_alive = now
-            att.slurm_state = "RUNNING"
-            continue
-        att.state = "ended"
-        att.ended = now
-        att.slurm_state = "EXITED"
-        if rec.cancel_requested:
-            att.stop_reason = "cancelled"
-        else:
-            att.stop_reason = "failed"
-            att.error = att.error or "the local job ended without an exit event from the worker"
-
-
 # --- run state and budgets ----------------------------------------------------------------------
 
 
@@ -383,16 +209,12 @@ def derive_state(rec: RunRecord, budgets: Budgets, job_alive: bool) -> None:
     rec.state_reason = f"attempt {cur.number} {cur.stop_reason}" + (f": {cur.error}" if cur.error else "")
 
 
-def job_alive(rec: RunRecord, snap: Snapshot | None, local_alive: Mapping[str, bool] | None) -> bool:
+def job_alive(rec: RunRecord, observed: Observation | None) -> bool:
+    """Whether the poll saw the run's latest job alive (pending, running or requeued)."""
     cur = rec.current
-    if cur is None or not cur.job_id:
+    if cur is None or not cur.job_id or observed is None:
         return False
-    if rec.executor == "local":
-        return bool(local_alive and local_alive.get(cur.job_id))
-    if snap is None:
-        return False
-    q = snap.queue.get(cur.job_id)
-    return q is not None and q.alive
+    return observed.alive(cur.job_id)
 
 
 def reconcile(
@@ -400,21 +222,15 @@ def reconcile(
     events: list[dict[str, Any]],
     *,
     progress: Mapping[str, Any] | None,
-    snapshot: Snapshot | None,
-    local_alive: Mapping[str, bool] | None,
+    observed: Observation | None,
     budgets: Budgets,
     now: float,
-    task_exits: Mapping[str, Sequence[TaskExit]] | None = None,
 ) -> RunRecord:
-    """Update `rec` in place (and return it). Gather `snapshot`/`local_alive` BEFORE reading
-    `events`, so an exit event written just before the process ended is never missed.
-    `task_exits`: srun's task reports by job id (`slurm.task_exits`)."""
+    """Update `rec` in place (and return it). Gather `observed` (the backend's `observe`) BEFORE
+    reading `events`, so an exit event written just before the process ended is never missed;
+    None when the scheduler was not asked (the events alone decide)."""
     apply_events(rec, events, progress)
-    if rec.executor == "local":
-        apply_local(rec, local_alive or {}, now)
-    elif snapshot is not None:
-        apply_scheduler(rec, snapshot, now)
-    if rec.executor == "slurm" and task_exits:
-        apply_task_exits(rec, task_exits, _worker_errors(events))
-    derive_state(rec, budgets, job_alive(rec, snapshot, local_alive))
+    if observed is not None:
+        observed.apply(rec, events, now)
+    derive_state(rec, budgets, job_alive(rec, observed))
     return rec

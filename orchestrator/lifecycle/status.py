@@ -1,13 +1,13 @@
 """`status`: refresh run records from one batched scheduler query, and describe them.
 
-`poll` is the one place where records meet the scheduler: it gathers liveness first (one
-`squeue` + one `sacct` for every SLURM job of every run; pid checks for local jobs), then reads
-each run's events and rewrites its `run.json` under the lock. No torch here.
+`poll` is the one place where records meet the scheduler: it asks each run's backend first (one
+`observe` per backend for all its runs: one `squeue` + one `sacct` for every SLURM job of every
+run, pid checks for local jobs), then reads each run's events and rewrites its `run.json` under the
+lock. No torch here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 import time
@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.backends import slurm
-from orchestrator.backends.slurm import FINAL_STATES as FINAL_SLURM_STATES
-from orchestrator.backends.slurm import Snapshot
+from orchestrator.backends import Backend, Observation, backend_for
 from orchestrator.lifecycle.reconcile import Budgets, reconcile
-from orchestrator.rundir import runs
+from orchestrator.rundir import checkpoints, reports, runs
 from orchestrator.rundir.runs import RunRecord
 
 logger = logging.getLogger(__name__)
@@ -32,7 +30,8 @@ class RunView:
     run_dir: Path
     record: RunRecord
     progress: dict[str, Any] | None
-    snapshot: Snapshot | None
+    observation: Observation | None
+    """What the run's backend saw at this poll (None when the run was not refreshed)."""
 
     @property
     def step(self) -> int | None:
@@ -60,68 +59,43 @@ class RunView:
         return max(0.0, (float(total) - float(step)) * float(dt))
 
 
-SETTLE_S = 600.0
-"""After a run ends, keep asking the scheduler this long for its final state and exit code
-(`finishing` -> COMPLETED; sacct rows arrive about a second after the state change)."""
-
-
-def _settling(rec: RunRecord) -> bool:
-    cur = rec.current
-    if cur is None or not cur.job_id or cur.ended is None:
-        return False
-    # NOTE: squeue shows a finished job's final state before sacct has its row, and only sacct
-    # gives the exit code.
-    final = cur.slurm_state is not None and cur.slurm_state.split()[0] in FINAL_SLURM_STATES
-    settled = final and cur.exit_code is not None
-    return not settled and time.time() - cur.ended < SETTLE_S
-
-
-def _needs_scheduler(rec: RunRecord) -> bool:
-    return rec.executor == "slurm" and (not rec.final or rec.state == runs.CANCELLED or _settling(rec))
+def _stale(run_dir: Path, rec: RunRecord, backend: Backend) -> bool:
+    """Whether the poll must refresh the run: it is not final, its backend still has something to
+    say about it, or its worker wrote events since the record was written."""
+    open_attempt = rec.current is not None and rec.current.state != "ended"
+    return not rec.final or open_attempt or backend.needs_scheduler(rec) or _events_newer(run_dir, rec)
 
 
 def poll(run_dirs: list[Path], *, now: float | None = None) -> list[RunView]:
-    """Refresh every run in `run_dirs` (one scheduler query for all) and return their views."""
-    from orchestrator.lifecycle.control import local_alive
-
-    records = []
+    """Refresh every run in `run_dirs` (one scheduler query per backend for all) and return their
+    views."""
+    records: list[tuple[Path, RunRecord, Backend]] = []
     for d in run_dirs:
         try:
-            records.append((d, runs.read_run(d)))
+            rec = runs.read_run(d)
+            records.append((d, rec, backend_for(rec.executor)))
         except Exception as exc:  # a broken run.json must not hide the others
             logger.warning("skipping %s: %s", d, exc)
-    slurm_ids = [
-        a.job_id
-        for _, r in records
-        if _needs_scheduler(r)
-        for a in r.attempts
-        if a.job_id and a.state != "ended"
-    ]
-    # Also the latest job of each run: its scheduler row says whether SLURM requeued it.
-    slurm_ids += [
-        r.current.job_id for _, r in records if _needs_scheduler(r) and r.current and r.current.job_id
-    ]
-    snap = slurm.query(slurm_ids) if slurm_ids else None
-    local_ids = [a.job_id for _, r in records if r.executor == "local" for a in r.attempts if a.job_id]
-    alive = local_alive(local_ids) if local_ids else {}
+    stale = [(d, rec, backend) for d, rec, backend in records if _stale(d, rec, backend)]
+    observed: dict[Path, Observation] = {}
+    for backend in {b.name: b for _, _, b in stale}.values():
+        observed.update(backend.observe([(d, rec) for d, rec, b in stale if b.name == backend.name]))
     stamp = now if now is not None else time.time()
     views: list[RunView] = []
-    for d, rec in records:
-        open_attempt = rec.current is not None and rec.current.state != "ended"
-        if rec.final and not open_attempt and not _needs_scheduler(rec) and not _events_newer(d, rec):
-            views.append(RunView(d, rec, runs.read_progress(d), snap))
+    for d, rec, _ in records:
+        if d not in observed:
+            views.append(RunView(d, rec, reports.read_progress(d), None))
             continue
+        seen = observed[d]
 
-        def _refresh(r: RunRecord, d: Path = d) -> None:
+        def _refresh(r: RunRecord, d: Path = d, seen: Observation = seen) -> None:
             reconcile(
                 r,
-                runs.read_events(d),
-                progress=runs.read_progress(d),
-                snapshot=snap,
-                local_alive=alive,
+                reports.read_events(d),
+                progress=reports.read_progress(d),
+                observed=seen,
                 budgets=Budgets.from_dict(r.budgets),
                 now=stamp,
-                task_exits=_task_exits(r, d),
             )
             _attach_result_errors(r, d)
 
@@ -130,17 +104,8 @@ def poll(run_dirs: list[Path], *, now: float | None = None) -> list[RunView]:
         except OSError as exc:  # read-only home: show what we can
             logger.warning("cannot update %s: %s", d, exc)
             _refresh(rec)
-        views.append(RunView(d, rec, runs.read_progress(d), snap))
+        views.append(RunView(d, rec, reports.read_progress(d), seen))
     return views
-
-
-def _task_exits(rec: RunRecord, run_dir: Path) -> dict[str, list[slurm.TaskExit]]:
-    """srun's task reports of each job that is running or failed (a file read per job, usually of
-    an empty file)."""
-    if rec.executor != "slurm":
-        return {}
-    jobs = {a.job_id for a in rec.attempts if a.job_id and (a.state != "ended" or a.stop_reason == "failed")}
-    return {job: reports for job in jobs if (reports := slurm.task_exits(run_dir, job))}
 
 
 def result_error(run_dir: Path, job_id: str) -> str | None:
@@ -170,7 +135,7 @@ def _attach_result_errors(rec: RunRecord, run_dir: Path) -> None:
 
 def _events_newer(run_dir: Path, rec: RunRecord) -> bool:
     try:
-        return (run_dir / "events.jsonl").stat().st_mtime > rec.updated
+        return reports.events_path(run_dir).stat().st_mtime > rec.updated
     except OSError:
         return False
 
@@ -223,27 +188,16 @@ def table_rows(views: list[RunView], now: float | None = None) -> list[dict[str,
 
 
 def latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
-    """The newest checkpoint whose manifest verifies (file sizes; `worker.checkpoint` is
-    torch-free), as {tag, step, path}."""
-    from worker.checkpoint import latest_valid_checkpoint
-
+    """The newest checkpoint whose manifest verifies (file sizes only), as {tag, step, path}."""
     try:
-        found = latest_valid_checkpoint(run_dir, full=False)
+        found = checkpoints.latest_valid_checkpoint(run_dir, full=False)
     except Exception as exc:  # status must not fail on a checkpoint problem
         logger.warning("checking checkpoints in %s: %s", run_dir, exc)
         return None
     if found is None:
         return None
-    manifest = _read_manifest(found)
+    manifest = checkpoints.read_manifest(found)
     return {"tag": found.name, "step": manifest.get("step") if manifest else None, "path": str(found)}
-
-
-def _read_manifest(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((path / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def run_detail(view: RunView) -> dict[str, Any]:

@@ -3,23 +3,23 @@
 The request is built apart from running it (`plan_submission` is pure apart from reading data
 files): `--dry-run` prints the plan, `submit` creates the run and hands the plan to submitit.
 
-SLURM options come from one place, `render.sbatch_options`: they are mapped onto submitit's
-parameters (so submitit counts tasks and sets its timeout right), and the `#SBATCH` block of the
-script submitit writes is replaced by the rendered one (`_RenderedSlurmExecutor`), so the options
-sbatch receives are byte for byte those `render` and `--dry-run` show.
+Scheduler options come from one place, `render.sbatch_options`: the run's backend
+(`backends.backend_for(cluster.executor)`) maps them onto its submitit executor's parameters and
+builds that executor (under SLURM with the rendered `#SBATCH` block, so the options sbatch
+receives are byte for byte those `render` and `--dry-run` show).
 """
 
 from __future__ import annotations
 
 import logging
-import shlex
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
+from orchestrator.backends import backend_for
 from orchestrator.errors import DataFileError, MoeOrchError, SubmissionError
 from orchestrator.rundir import runs
 from orchestrator.rundir.runs import Attempt, RunRecord
@@ -30,26 +30,6 @@ if TYPE_CHECKING:  # the schema (pydantic models) is not needed by status/cancel
 logger = logging.getLogger(__name__)
 
 Echo = Callable[[str], None]
-
-# NOTE: the worker requeues itself (scontrol requeue) on USR2/SIGTERM; submitit must never refuse
-# a restart because it counted too many "timeouts" (budgets are ours: reconcile.check_budgets).
-MAX_NUM_TIMEOUT = 1_000_000
-
-# submitit parameter names for our sbatch keys (the rest go to `additional_parameters`).
-_SUBMITIT_NAMES = {
-    "job-name": "job_name",
-    "nodes": "nodes",
-    "ntasks-per-node": "ntasks_per_node",
-    "gpus-per-node": "gpus_per_node",
-    "cpus-per-task": "cpus_per_task",
-    "time": "time",
-    "partition": "partition",
-    "account": "account",
-    "qos": "qos",
-    "constraint": "constraint",
-    "exclude": "exclude",
-}
-_INT_PARAMS = {"nodes", "ntasks_per_node", "gpus_per_node", "cpus_per_task", "time"}
 
 
 @dataclass
@@ -88,36 +68,6 @@ def python_command(cfg: RunConfig) -> str:
     return cfg.cluster.python or sys.executable
 
 
-def submitit_parameters(cfg: RunConfig, options: list[tuple[str, str]]) -> dict[str, Any]:
-    """`render.sbatch_options` as submitit `SlurmExecutor.update_parameters` keywords, or the
-    LocalExecutor's for `executor: local`."""
-    c = cfg.cluster
-    if c.executor == "local":
-        params: dict[str, Any] = {
-            "tasks_per_node": c.tasks_per_node,
-            "nodes": 1,
-            "timeout_min": c.time_min,
-            "signal_delay_s": c.signal_delay_s,
-        }
-        if c.setup:
-            params["setup"] = list(c.setup)
-        return params
-    params = {"wckey": None, "signal_delay_s": c.signal_delay_s}
-    extra: dict[str, Any] = {}
-    for key, value in options:
-        if key == "signal":
-            continue  # submitit writes USR2@signal_delay_s itself
-        name = _SUBMITIT_NAMES.get(key)
-        if name is None:
-            extra[key if key == "open-mode" else key.replace("-", "_")] = True if value == "" else value
-        else:
-            params[name] = int(value) if name in _INT_PARAMS else value
-    if c.setup:
-        params["setup"] = list(c.setup)
-    params["additional_parameters"] = extra
-    return params
-
-
 def plan_submission(cfg: RunConfig, run_dir: Path, *, exclude: list[str] | None = None) -> SubmissionPlan:
     """The submission for `cfg` into `run_dir` (nothing is written or submitted)."""
     from orchestrator.render.files import render, sbatch_options
@@ -135,55 +85,10 @@ def plan_submission(cfg: RunConfig, run_dir: Path, *, exclude: list[str] | None 
         python=python,
         rendered=rendered,
         executor=cfg.cluster.executor,
-        parameters=submitit_parameters(cfg, options),
+        parameters=backend_for(cfg.cluster.executor).submitit_parameters(cfg, options),
         env=job_env(cfg),
         sbatch_lines=sbatch_lines,
     )
-
-
-def _slurm_executor_class() -> Any:
-    import submitit
-
-    class _RenderedSlurmExecutor(submitit.SlurmExecutor):
-        """submitit's SlurmExecutor whose `#SBATCH` block is the rendered sbatch.sh's."""
-
-        sbatch_lines: ClassVar[list[str]] = []
-
-        def _make_submission_file_text(self, command: str, uid: str) -> str:
-            text: str = super()._make_submission_file_text(command, uid)
-            lines = text.splitlines()
-            idx = [i for i, ln in enumerate(lines) if ln.startswith("#SBATCH")]
-            if not idx or not self.sbatch_lines:
-                return text
-            out = (
-                lines[: idx[0]]
-                + list(self.sbatch_lines)
-                + [ln for ln in lines[idx[0] :] if not ln.startswith("#SBATCH")]
-            )
-            return "\n".join(out) + "\n"
-
-    return _RenderedSlurmExecutor
-
-
-def make_executor(plan: SubmissionPlan) -> Any:
-    """A configured submitit executor for `plan` (folder `<run>/logs`)."""
-    import submitit
-
-    folder = plan.run_dir / "logs"
-    if plan.executor == "local":
-        local = submitit.LocalExecutor(folder=folder)
-        local.update_parameters(**plan.parameters)
-        return local
-    cls = _slurm_executor_class()
-    try:
-        ex = cls(folder=folder, max_num_timeout=MAX_NUM_TIMEOUT, python=shlex.quote(plan.python))
-    except RuntimeError as exc:
-        raise SubmissionError(
-            f"{exc}: `srun` is not on PATH. Submit from a SLURM login node, or set cluster.executor: local"
-        ) from None
-    ex.sbatch_lines = plan.sbatch_lines
-    ex.update_parameters(**plan.parameters)
-    return ex
 
 
 # --- submit ---------------------------------------------------------------------------------------
@@ -266,7 +171,9 @@ def submit_attempt(run_dir: Path, cfg: RunConfig, *, note: str | None, freeze: s
     write_bundle(run_dir, number, rendered=plan.rendered, config_file=config_file, freeze=freeze)
     submitted = time.time()
     try:
-        executor = make_executor(plan)
+        executor = backend_for(plan.executor).make_executor(
+            plan.run_dir / "logs", plan.parameters, python=plan.python, sbatch_lines=plan.sbatch_lines
+        )
         from orchestrator.lifecycle.job import run_worker
 
         job = executor.submit(run_worker, str(run_dir / "run.yaml"), str(run_dir), plan.env)

@@ -18,8 +18,9 @@ from typing import Any
 
 import yaml
 
+from orchestrator.backends import backend_for
 from orchestrator.errors import DataFileError
-from orchestrator.render.files import sbatch_options
+from orchestrator.rundir import reports
 from orchestrator.spec.estimate import MemoryEstimate, ParamCounts, architecture, estimate_memory
 from orchestrator.spec.loading import load_config
 from orchestrator.spec.qa_format import check_data_files
@@ -83,28 +84,16 @@ def _warn_memory_tight(cfg: RunConfig) -> list[str]:
     ]
 
 
-def _warn_signal_vs_time(cfg: RunConfig) -> list[str]:
-    c = cfg.cluster
-    if c.executor != "slurm" or c.signal_delay_s * 2 <= c.time_min * 60:
-        return []
-    return [
-        f"cluster.signal_delay_s {c.signal_delay_s} is more than half of time_min {c.time_min} min: "
-        "every attempt is told to save and stop before half of its time has run"
-    ]
-
-
-def _warn_no_partition(cfg: RunConfig) -> list[str]:
-    if cfg.cluster.executor != "slurm" or cfg.cluster.partition is not None:
-        return []
-    return ["cluster.partition is unset: the cluster's default partition applies"]
+def _warn_scheduler(cfg: RunConfig) -> list[str]:
+    """The backend's own advice (SLURM: signal_delay_s against time_min, no partition)."""
+    return backend_for(cfg.cluster.executor).config_warnings(cfg)
 
 
 WARNING_CHECKS: list[WarningCheck] = [
     _warn_unknown_architecture,
     _warn_gpu_mem_unset,
     _warn_memory_tight,
-    _warn_signal_vs_time,
-    _warn_no_partition,
+    _warn_scheduler,
 ]
 """Advice that does not stop a run. Append a check here (e.g. signal_delay_s against a measured
 save time) and `validate`, `submit` and the CLI show it."""
@@ -147,7 +136,7 @@ def runs_with_layout(cfg: RunConfig, home: Path) -> list[Path]:
     if not home.is_dir():
         return found
     for run_dir in sorted(home.iterdir()):
-        if not (run_dir / "events.jsonl").is_file():
+        if not reports.events_path(run_dir).is_file():
             continue
         try:
             data = yaml.safe_load((run_dir / "run.yaml").read_text())
@@ -164,15 +153,11 @@ def measured_save(run_dirs: Iterable[Path]) -> MeasuredSave | None:
     count = 0
     for run_dir in run_dirs:
         try:
-            lines = (run_dir / "events.jsonl").read_text().splitlines()
+            events = reports.read_events(run_dir)
         except OSError:
-            continue
-        for line in lines:
-            try:
-                ev = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line
-            if not isinstance(ev, dict) or ev.get("event") != "checkpoint":
+            continue  # unreadable (e.g. permissions): skip that run
+        for ev in events:
+            if ev.get("event") != "checkpoint":
                 continue
             save_s = ev.get("save_s")
             if not isinstance(save_s, (int, float)):
@@ -270,9 +255,8 @@ def validate(cfg: RunConfig, *, check_data: bool = True, history: Sequence[Path]
     `history`: run directories whose measured checkpoint saves `signal_delay_s` is checked against.
     Raises ConfigError / DataFileError with every issue located (field path, file:line).
     """
-    if cfg.cluster.executor == "slurm":
-        # Values SLURM cannot take (a newline in a partition name) fail here, not at submit.
-        sbatch_options(cfg, Path("/run-dir"))
+    # Values the scheduler cannot take (a newline in a SLURM partition name) fail here, not at submit.
+    backend_for(cfg.cluster.executor).check_config(cfg)
     if check_data:
         check_files(cfg)
     extra = [signal_vs_save_check(history)] if history else []

@@ -6,7 +6,7 @@ crash, a job gone from squeue without an exit event. `watch` finds those (state 
 `reconcile`) and resubmits them as a new job of the same run, within the budgets:
 `cluster.max_failures`, `cluster.max_preemptions` and `cluster.max_attempts_without_progress`
 (crash loop). Nodes that failed an attempt (NODE_FAIL, and `sinfo` says they are down) go to the
-next attempt's `--exclude`. A cancelled run never comes back.
+next attempt's `--exclude` (the backend's `unhealthy_nodes`). A cancelled run never comes back.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from orchestrator.backends import backend_for
 from orchestrator.errors import SubmissionError
 from orchestrator.lifecycle.reconcile import Budgets, check_budgets
 from orchestrator.lifecycle.status import RunView, poll
@@ -29,11 +30,9 @@ Echo = Callable[[str], None]
 
 def _failed_nodes(rec: RunRecord) -> list[str]:
     cur = rec.current
-    if cur is None or cur.stop_reason != "node_fail" or rec.executor != "slurm":
+    if cur is None or cur.stop_reason != "node_fail":
         return []
-    from orchestrator.backends.slurm import unhealthy_nodes
-
-    return unhealthy_nodes(cur.nodes)
+    return backend_for(rec.executor).unhealthy_nodes(cur.nodes)
 
 
 def resume(run_dir: Path, *, note: str | None = None, force: bool = True) -> RunRecord:
@@ -90,22 +89,18 @@ def act(view: RunView, echo: Echo) -> str | None:
     if rec.state == runs.REQUEUED:
         verdict = check_budgets(rec.attempts, Budgets.from_dict(rec.budgets))
         if verdict.exhausted:
-            from orchestrator.backends.slurm import scancel
 
             def _fail(r: RunRecord) -> None:
                 r.state, r.state_reason = runs.FAILED, verdict.reason
 
             runs.update_run(view.run_dir, _fail)
             if rec.current and rec.current.job_id:
-                scancel(rec.current.job_id)
+                backend_for(rec.executor).cancel(rec.current.job_id)
             return f"{rec.run_id}: {verdict.reason}; cancelled the requeued job"
-    if rec.state == runs.CANCELLED and view.snapshot is not None and rec.current and rec.current.job_id:
-        q = view.snapshot.queue.get(rec.current.job_id)
-        if q is not None and q.alive:
-            from orchestrator.backends.slurm import scancel
-
-            scancel(rec.current.job_id)
-            return f"{rec.run_id}: cancelled run still had job {rec.current.job_id}; scancel sent again"
+    if rec.state == runs.CANCELLED and view.observation is not None and rec.current and rec.current.job_id:
+        job_id = rec.current.job_id
+        if backend_for(rec.executor).cancel_again(job_id, view.observation):
+            return f"{rec.run_id}: cancelled run still had job {job_id}; cancel sent again"
     return None
 
 

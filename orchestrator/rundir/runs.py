@@ -5,8 +5,10 @@ attempt (each start of the worker: a first submission, a SLURM requeue of the sa
 resubmission by `watch`/`resume` under a new job id). It is rewritten with temp file + `os.replace`
 while `run.json.lock` is held, so concurrent `status`, `watch` and `cancel` never lose an update.
 
-The worker's own files (`events.jsonl`, `progress.json`) are read here too; they are the source of
-truth for what happened inside an attempt.
+The worker's own files (`events.jsonl`, `progress.json`, `metrics.jsonl`) belong to
+`orchestrator.rundir.reports`; they are the source of truth for what happened inside an attempt.
+An attempt is named by `attempt_key(job_id, restart)` everywhere: the worker's start event and
+progress, this record, and the marker lines of the logs.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import RunNotFoundError
+from orchestrator.rundir.checkpoints import checkpoints_dir
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,12 @@ SLURM_FINISHING = "finishing"
 """An attempt's `slurm_state` after the worker's exit event while the scheduler still shows the run
 alive (the ranks are leaving; sacct lags about a second): lower case, as it is ours, not SLURM's.
 The scheduler's final state (and `exit_code`) replace it when its record arrives."""
+
+
+def attempt_key(job_id: str, restart: int) -> str:
+    """`<job_id>.<restart>`: one key per attempt of a run (docs/design.md). `restart` is
+    SLURM_RESTART_COUNT (0 outside SLURM, where the job id is the launcher's, e.g. a pid)."""
+    return f"{job_id}.{restart}"
 
 
 @dataclass
@@ -180,8 +189,6 @@ def find_run_with_checkpoints(home: Path, spec: str) -> Path:
     A worker started by hand (`python -m worker --run-dir DIR`, torchrun, the rendered sbatch.sh)
     writes run.yaml, tokenizer/ and checkpoints/ but no run.json: its folder is a run directory too.
     """
-    from worker.checkpoint import checkpoints_dir  # file-level: no torch
-
     direct = Path(spec).expanduser()
     if checkpoints_dir(direct).is_dir():
         return direct.resolve()
@@ -234,19 +241,41 @@ def _write_unlocked(run_dir: Path, record: RunRecord) -> None:
     _atomic_write(run_dir / RUN_FILE, json.dumps(record.to_dict(), indent=2, sort_keys=False) + "\n")
 
 
-def read_run(run_dir: Path) -> RunRecord:
+def _read_json(run_dir: Path) -> dict[str, Any]:
+    """`run.json` as a dict, once its schema version is one this moe-orch reads."""
     path = run_dir / RUN_FILE
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise RunNotFoundError(f"{run_dir} has no {RUN_FILE}: not a moe-orch run directory") from None
+    if not isinstance(data, dict):
+        raise RunNotFoundError(f"{path} is not a moe-orch run record (not a JSON object)")
     version = data.get("schema_version", 0)
     if version > SCHEMA_VERSION:
         raise RunNotFoundError(
             f"{path} has schema version {version}, newer than this moe-orch ({SCHEMA_VERSION}); "
             "upgrade moe-orch"
         )
-    return RunRecord.from_dict(data)
+    return data
+
+
+def read_run(run_dir: Path) -> RunRecord:
+    return RunRecord.from_dict(_read_json(run_dir))
+
+
+def read_cancel_requested(run_dir: Path) -> bool:
+    """Whether `moe-orch cancel` recorded a cancellation (it does so before it runs scancel).
+
+    For the worker, which must not fail on this: False when there is no run.json (a worker started
+    by hand) or it cannot be read (with a warning naming why).
+    """
+    try:
+        data = _read_json(run_dir)
+    except (RunNotFoundError, OSError, ValueError) as exc:
+        if (run_dir / RUN_FILE).exists():
+            logger.warning("cannot tell whether the run was cancelled: %s", exc)
+        return False
+    return bool(data.get("cancel_requested"))
 
 
 def update_run(run_dir: Path, mutate: Callable[[RunRecord], None]) -> RunRecord:
@@ -260,34 +289,3 @@ def update_run(run_dir: Path, mutate: Callable[[RunRecord], None]) -> RunRecord:
         if record.to_dict() != before:
             _write_unlocked(run_dir, record)
         return record
-
-
-# --- the worker's files ----------------------------------------------------------------------
-
-
-def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    """`events.jsonl`; a torn last line (the worker is writing it) is skipped."""
-    path = run_dir / "events.jsonl"
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    events: list[dict[str, Any]] = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict) and "event" in obj:
-            events.append(obj)
-    return events
-
-
-def read_progress(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((run_dir / "progress.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None

@@ -1,0 +1,165 @@
+"""SLURM seen from inside the job: what rank 0 asks when the ranks stop on a signal.
+
+- the job's time limit (`squeue -o %S|%l`: its start plus its limit), so a stop reads as `timeout`
+  or `preempted`;
+- `scontrol requeue`, when `cluster.requeue`;
+- `scontrol show job -o`, to tell a cancellation (`scancel`) from a requeue or a preemption.
+
+Also SLURM's time formats, which the login side (`scheduler.py`) parses with the same functions.
+Every rank imports this module: the standard library only (no jinja2, typer, rich or submitit).
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+
+def parse_time(text: str) -> float | None:
+    """`2026-11-28T15:20:01` (local time, as squeue, sacct and scontrol print it) -> Unix seconds;
+    None for `Unknown`, `None`, `N/A`, `(null)` or empty."""
+    text = text.strip()
+    if not text or text in ("Unknown", "None", "N/A", "(null)"):
+        return None
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+
+
+def parse_duration(text: str) -> float | None:
+    """`squeue -o %l` time limit (`10:00` = 10 min, `1:00:00`, `2-00:00:00`, `30`) in seconds; None
+    for `UNLIMITED`, `NOT_SET`, `INVALID` or empty."""
+    text = text.strip()
+    days = 0
+    if "-" in text:
+        head, _, text = text.partition("-")
+        if not head.isdigit():
+            return None
+        days = int(head)
+    parts = text.split(":")
+    if not text or not all(p.isdigit() for p in parts) or len(parts) > 3:
+        return None
+    nums = [int(p) for p in parts]
+    if days and len(parts) == 1:
+        hours, minutes, seconds = nums[0], 0, 0  # D-HH
+    elif days and len(parts) == 2:
+        hours, minutes, seconds = nums[0], nums[1], 0  # D-HH:MM
+    elif len(parts) == 1:
+        hours, minutes, seconds = 0, nums[0], 0  # MM
+    elif len(parts) == 2:
+        hours, minutes, seconds = 0, nums[0], nums[1]  # MM:SS
+    else:
+        hours, minutes, seconds = nums
+    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+
+
+def time_limit_end(job_id: str) -> float | None:
+    """When the job's time limit ends (Unix seconds): its start plus its time limit; None when
+    squeue cannot tell.
+
+    NOTE: not squeue's end time (`%e`): when a job is preempted, SLURM moves that to now +
+    GraceTime, which would read as a time limit (seen on the localhost cluster: a partition
+    preemption reported as `timeout`).
+    """
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%S|%l"],
+            capture_output=True, text=True, timeout=20, check=False
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("squeue failed (%s); calling the stop a preemption", exc)
+        return None
+    lines = out.stdout.strip().splitlines()
+    if not lines:
+        return None
+    start_text, _, limit_text = lines[0].partition("|")
+    start, limit = parse_time(start_text), parse_duration(limit_text)
+    return start + limit if start is not None and limit is not None else None
+
+
+ALREADY_REQUEUED = "pending execution"
+"""scontrol's answer when the job is already back in the queue (`scontrol requeue` by an admin,
+or a preemption, sent the SIGTERM that stopped us): SLURM restarts it, as if we had requeued it."""
+
+
+def requeue_job(job_id: str) -> bool:
+    """`scontrol requeue <job_id>`; False (with a warning) when it fails. True also when SLURM
+    already requeued the job (`Job is pending execution`)."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("scontrol requeue %s failed: %s", job_id, exc)
+        return False
+    if out.returncode != 0:
+        message = (out.stderr or out.stdout).strip()
+        if ALREADY_REQUEUED in message:
+            logger.info("SLURM job %s is already requeued (%s)", job_id, message)
+            return True
+        logger.warning("scontrol requeue %s failed: %s", job_id, message)
+        return False
+    logger.info("requeued SLURM job %s", job_id)
+    return True
+
+
+def parse_scontrol_job(text: str) -> dict[str, str]:
+    """`scontrol show job -o ID` -> {"Restarts": "0", "PreemptTime": "None", ...}."""
+    fields: dict[str, str] = {}
+    for token in text.split():
+        key, sep, value = token.partition("=")
+        if sep and key not in fields:
+            fields[key] = value
+    return fields
+
+
+def scontrol_show_job(job_id: str) -> dict[str, str]:
+    """The job's `scontrol show job -o` fields; {} when scontrol cannot tell."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("scontrol show job %s failed: %s", job_id, exc)
+        return {}
+    return parse_scontrol_job(out.stdout) if out.returncode == 0 else {}
+
+
+def term_is_cancellation(job: Mapping[str, str], restart_count: int) -> bool:
+    """Whether the SIGTERM we got is a cancellation (`scancel`), not a requeue or preemption.
+
+    Measured on SLURM 22.05: at the SIGTERM of `scontrol requeue` the job's `Restarts` is already
+    one more than our attempt's SLURM_RESTART_COUNT; a preemption sets `PreemptTime`; `scancel`
+    does neither. Requeueing after a cancellation would bring a cancelled job back to life.
+    """
+    try:
+        restarts = int(job.get("Restarts", "0"))
+    except ValueError:
+        return False
+    preempted = job.get("PreemptTime", "None") not in ("None", "", "Unknown")
+    return restarts <= restart_count and not preempted
+
+
+@dataclass(frozen=True)
+class SlurmRunningJob:
+    """The SLURM job this process runs in (`RunningJob`): one run of it, `restart_count` being its
+    SLURM_RESTART_COUNT."""
+
+    job_id: str
+    restart_count: int = 0
+
+    def time_limit_end(self) -> float | None:
+        return time_limit_end(self.job_id)
+
+    def requeue(self) -> bool:
+        return requeue_job(self.job_id)
+
+    def term_is_cancellation(self) -> bool:
+        job = scontrol_show_job(self.job_id)
+        return bool(job) and term_is_cancellation(job, self.restart_count)

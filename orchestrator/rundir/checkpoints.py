@@ -1,0 +1,243 @@
+"""Checkpoints on disk, file by file: layout, manifests, verification, `latest`, pruning.
+
+The one module that reads and writes `checkpoints/<tag>/manifest.json`, `client_state.json` and
+`checkpoints/latest` (docs/design.md). No torch and no DeepSpeed here: the orchestrator calls it on
+the login node (`status`, `export`), and `worker.checkpoint` (the save protocol across ranks, the
+engine's load) builds on it.
+
+Layout: `<run_dir>/checkpoints/<tag>/` (tag `step-000120`) holds DeepSpeed's files for that tag,
+`client_state.json` (step, epoch, micro-batch position, seeds) and `manifest.json` (`{"tag",
+"step", "files": {relpath: {"sha256", "size"}}, "complete": true}`), written last.
+`checkpoints/latest` holds the newest complete tag (written atomically). A save is staged in
+`checkpoints/.partial-<tag>/<tag>` and renamed into place by `finalize_checkpoint` after its
+manifest.
+
+A checkpoint is valid only when its manifest verifies (`verify_checkpoint`). Export and the
+orchestrator use `latest_valid_checkpoint`, which skips (and warns about) incomplete or damaged
+ones; the training ranks use `worker.checkpoint.select_resume_checkpoint`, the same choice with
+the hashing split over the ranks.
+
+NOTE: all ranks share the run directory (a shared filesystem, as in every SLURM training setup).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.rundir.atomic import atomic_write_text, fsync_dir, fsync_file
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+MANIFEST = "manifest.json"
+CLIENT_STATE = "client_state.json"
+PARTIAL_PREFIX = ".partial-"
+TAG_RE = re.compile(r"^step-(\d+)$")
+
+
+def tag_for_step(step: int) -> str:
+    """`step-000120`: sorts by name in step order up to a million steps."""
+    return f"step-{step:06d}"
+
+
+def step_of_tag(tag: str) -> int | None:
+    match = TAG_RE.match(tag)
+    return int(match.group(1)) if match else None
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def hash_files(folder: Path, rank: int = 0, world_size: int = 1) -> dict[str, dict[str, Any]]:
+    """fsync and hash this rank's share of `folder`'s files (every `world_size`-th, from `rank`)."""
+    entries: dict[str, dict[str, Any]] = {}
+    for path in _files(folder)[rank::world_size]:
+        fsync_file(path)
+        entries[path.relative_to(folder).as_posix()] = {"sha256": _sha256(path), "size": path.stat().st_size}
+    return entries
+
+
+def write_manifest(
+    folder: Path, tag: str, step: int, known: dict[str, dict[str, Any]] | None = None
+) -> int:
+    """fsync and hash every file of `folder` not in `known` (entries other ranks computed), then
+    write its manifest (last). Returns the bytes covered."""
+    files = dict(known or {})
+    for path in _files(folder):
+        rel = path.relative_to(folder).as_posix()
+        if rel not in files:
+            fsync_file(path)
+            files[rel] = {"sha256": _sha256(path), "size": path.stat().st_size}
+    total = sum(int(entry["size"]) for entry in files.values())
+    manifest = {"tag": tag, "step": step, "files": files, "complete": True}
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return total
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    """The manifest of a checkpoint folder, or None when it is missing or unreadable."""
+    try:
+        data = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def verify_checkpoint(path: str | Path, *, full: bool = True, rank: int = 0, world_size: int = 1) -> bool:
+    """Whether `path` is a complete checkpoint: its manifest lists every file with the right size
+    and (when `full`) sha256, and no file is missing. `full=False` checks sizes only (fast).
+
+    With `world_size` > 1, sizes are checked for every file but only this rank's share (every
+    `world_size`-th file from `rank`) is hashed: the ranks split the work and combine the answers.
+    """
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("complete") is not True:
+        return False
+    if not isinstance(manifest.get("files"), dict):
+        return False
+    files: dict[str, Any] = manifest["files"]
+    if not files:
+        return False
+    for i, (rel, meta) in enumerate(sorted(files.items())):
+        file = folder / rel
+        try:
+            if file.stat().st_size != meta["size"]:
+                return False
+        except (OSError, KeyError, TypeError):
+            return False
+        if full and i % world_size == rank and _sha256(file) != meta.get("sha256"):
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint folder found under `checkpoints/` (not necessarily valid)."""
+
+    tag: str
+    step: int
+    path: Path
+
+
+def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
+    """Every `checkpoints/step-*` folder, oldest first (temporary `.partial-*` folders excluded)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        step = step_of_tag(child.name)
+        if step is not None and child.is_dir():
+            found.append(CheckpointInfo(tag=child.name, step=step, path=child))
+    return sorted(found, key=lambda info: info.step)
+
+
+def latest_valid_checkpoint(run_dir: str | Path, *, full: bool = True) -> Path | None:
+    """The newest checkpoint whose manifest verifies; warns about every newer invalid one."""
+    for info in reversed(list_checkpoints(run_dir)):
+        if verify_checkpoint(info.path, full=full):
+            return info.path
+        logger.warning(
+            "checkpoint %s is incomplete or damaged (manifest does not verify); skipping it", info.path
+        )
+    return None
+
+
+def read_client_state(path: str | Path) -> dict[str, Any]:
+    """`client_state.json` of a checkpoint (step, epoch, micro-batch position, seeds)."""
+    data: dict[str, Any] = json.loads((Path(path) / CLIENT_STATE).read_text())
+    return data
+
+
+def read_latest_tag(run_dir: str | Path) -> str | None:
+    """The tag in `checkpoints/latest` (a hint; `latest_valid_checkpoint` is the authority)."""
+    try:
+        return (checkpoints_dir(run_dir) / LATEST).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints (never the newest valid one). Returns what went."""
+    if keep is None:
+        return []
+    infos = list_checkpoints(run_dir)
+    newest_valid = None
+    for info in reversed(infos):
+        if verify_checkpoint(info.path, full=False):
+            newest_valid = info.path
+            break
+    removed = []
+    for info in infos[: max(len(infos) - keep, 0)]:
+        if info.path == newest_valid:
+            continue
+        shutil.rmtree(info.path, ignore_errors=True)
+        removed.append(info.path)
+    if removed:
+        logger.info("pruned %d old checkpoint(s): %s", len(removed), ", ".join(p.name for p in removed))
+    return removed
+
+
+def remove_stale_partials(run_dir: str | Path, keep: str | None = None) -> None:
+    """Remove `.partial-*` folders left by saves that never finished (except `keep`)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return
+    for child in root.iterdir():
+        if child.name.startswith(PARTIAL_PREFIX) and child.name != keep:
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def finalize_checkpoint(
+    run_dir: str | Path,
+    tag: str,
+    step: int,
+    client_state: dict[str, Any],
+    keep: int | None,
+    known: dict[str, dict[str, Any]] | None = None,
+) -> int:
+    """Rank 0's half of a save, once every rank's files are in `.partial-<tag>/<tag>`.
+
+    Writes client_state.json and the manifest (`known`: hashes the ranks already computed),
+    renames the folder into place, updates `latest`, prunes. Returns the bytes of the checkpoint.
+    """
+    root = checkpoints_dir(run_dir)
+    partial = root / f"{PARTIAL_PREFIX}{tag}"
+    staged = partial / tag
+    (staged / CLIENT_STATE).write_text(json.dumps(client_state, indent=1, sort_keys=True) + "\n")
+    total = write_manifest(staged, tag, step, known)
+    final = root / tag
+    if final.exists():
+        # An older, invalid folder with the same tag (a save killed after its rename is impossible,
+        # so this is a damaged copy): the new one replaces it.
+        shutil.rmtree(final)
+    os.replace(staged, final)
+    fsync_dir(root)
+    shutil.rmtree(partial, ignore_errors=True)
+    atomic_write_text(root / LATEST, tag + "\n")
+    prune_checkpoints(run_dir, keep)
+    remove_stale_partials(run_dir)
+    return total
