@@ -272,9 +272,10 @@ def submit(
     run_dir = _run_cli(lambda: submit_lib.submit(config, set_ or [], home=str(home_dir(home)), echo=_echo))
     if wait:
         from orchestrator.lifecycle.watch import follow
+        from orchestrator.rundir.runs import RunState
 
         rec = _run_cli(lambda: follow(run_dir, _echo))
-        if rec.state != "completed":
+        if rec.state != RunState.COMPLETED:
             raise typer.Exit(1)
 
 

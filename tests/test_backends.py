@@ -22,8 +22,7 @@ from orchestrator.backends.slurm import scheduler
 from orchestrator.backends.slurm.backend import SlurmBackend, SlurmObservation
 from orchestrator.backends.slurm.injob import SlurmRunningJob
 from orchestrator.errors import SchedulerError, UnknownExecutorError
-from orchestrator.rundir import runs
-from orchestrator.rundir.runs import Attempt, RunRecord
+from orchestrator.rundir.runs import Attempt, AttemptState, RunRecord, RunState
 from orchestrator.spec.schema import ClusterConfig
 from worker.dist import resolve_dist
 from worker.signals import running_job
@@ -35,7 +34,7 @@ def fake() -> Iterator[FakeSlurm]:
         yield f
 
 
-def record(run_dir: Path, executor: str, *job_ids: str, state: str = runs.RUNNING) -> RunRecord:
+def record(run_dir: Path, executor: str, *job_ids: str, state: RunState = RunState.RUNNING) -> RunRecord:
     rec = RunRecord(
         run_id=run_dir.name, name="r", config_hash="x", created=time.time() - 100, executor=executor,
         run_dir=str(run_dir), home=str(run_dir.parent), state=state,
@@ -91,8 +90,8 @@ def test_one_squeue_and_one_sacct_for_the_jobs_of_all_runs(fake: FakeSlurm, tmp_
     fake.set_state("100", "RUNNING")
     a = record(tmp_path / "a", "slurm", "100")
     b = record(tmp_path / "b", "slurm", "101")
-    done = record(tmp_path / "done", "slurm", "102", state=runs.COMPLETED)
-    done.attempts[0].state, done.attempts[0].ended = "ended", time.time() - 3600
+    done = record(tmp_path / "done", "slurm", "102", state=RunState.COMPLETED)
+    done.attempts[0].state, done.attempts[0].ended = AttemptState.ENDED, time.time() - 3600
     observed = SlurmBackend().observe([(tmp_path / "a", a), (tmp_path / "b", b), (tmp_path / "done", done)])
     assert fake.count("squeue") == 1 and fake.count("sacct") == 1
     (squeue,) = [c for c in fake.calls if c[0] == "squeue"]

@@ -19,7 +19,7 @@ from orchestrator.backends.slurm.task_reports import parse_task_exits
 from orchestrator.errors import RunNotFoundError
 from orchestrator.lifecycle.reconcile import Budgets, check_budgets, reconcile
 from orchestrator.rundir import reports, runs
-from orchestrator.rundir.runs import Attempt, RunRecord
+from orchestrator.rundir.runs import Attempt, AttemptState, RunRecord, RunState, StopReason
 
 NOW = time.time()
 
@@ -164,7 +164,7 @@ def test_a_completed_attempt_comes_from_the_exit_event(tmp_path: Path) -> None:
     att = rec.attempts[0]
     assert (att.attempt_key, att.stop_reason, att.first_step, att.last_step) == ("5.0", "completed", 1, 20)
     assert att.nodes == ["n1", "n2"]
-    assert rec.state == runs.COMPLETED
+    assert rec.state == RunState.COMPLETED
 
 
 def test_worker_requeue_makes_a_new_attempt_with_the_same_job_id(tmp_path: Path) -> None:
@@ -176,13 +176,13 @@ def test_worker_requeue_makes_a_new_attempt_with_the_same_job_id(tmp_path: Path)
         events,
         snapshot(f"5|PENDING|BeginTime||{SUB}|N/A\n", f"5|REQUEUED|0:0|{SUB}|{SUB}|{SUB}|n[1-2]\n"),
     )
-    assert rec.state == runs.REQUEUED
+    assert rec.state == RunState.REQUEUED
     events += [start("5", restart=1, t=NOW - 5, resumed_from="step-000030", resumed_step=30, steps_redone=2)]
-    refresh(rec, events, snapshot(f"5|RUNNING|None|n[1-2]|{SUB}|{SUB}\n"))
+    rec = refresh(rec, events, snapshot(f"5|RUNNING|None|n[1-2]|{SUB}|{SUB}\n"))
     assert [a.attempt_key for a in rec.attempts] == ["5.0", "5.1"]
     assert rec.attempts[1].resumed_from == "step-000030" and rec.attempts[1].steps_redone == 2
     assert rec.attempts[0].stop_reason == "preempted" and rec.attempts[0].requeued
-    assert rec.state == runs.RUNNING
+    assert rec.state == RunState.RUNNING
 
 
 def test_node_fail_without_exit_event_then_slurm_requeue(tmp_path: Path) -> None:
@@ -193,7 +193,7 @@ def test_node_fail_without_exit_event_then_slurm_requeue(tmp_path: Path) -> None
     refresh(rec, events, snapshot(f"5|PENDING|BeginTime||{SUB}|N/A\n", sacct))
     att = rec.attempts[0]
     assert att.state == "ended" and att.stop_reason == "node_fail" and att.requeued
-    assert rec.state == runs.REQUEUED
+    assert rec.state == RunState.REQUEUED
 
 
 def test_preempted_without_signal_and_not_requeued_is_stopped(tmp_path: Path) -> None:
@@ -205,7 +205,7 @@ def test_preempted_without_signal_and_not_requeued_is_stopped(tmp_path: Path) ->
         snapshot(f"5|PREEMPTED|None|n1|{SUB}|{SUB}\n", f"5|PREEMPTED|0:15|{SUB}|{SUB}|{SUB}|n1\n"),
     )
     assert rec.attempts[0].stop_reason == "preempted"
-    assert rec.state == runs.STOPPED  # watch/resume brings it back
+    assert rec.state == RunState.STOPPED  # watch/resume brings it back
 
 
 def test_out_of_memory_is_a_failure(tmp_path: Path) -> None:
@@ -214,7 +214,7 @@ def test_out_of_memory_is_a_failure(tmp_path: Path) -> None:
     refresh(rec, [start("5")], snapshot("", f"5|OUT_OF_MEMORY|0:125|{SUB}|{SUB}|{SUB}|n1\n"))
     att = rec.attempts[0]
     assert (att.stop_reason, att.slurm_state) == ("failed", "OUT_OF_MEMORY")
-    assert rec.state == runs.FAILED and "max_failures=0" in (rec.state_reason or "")
+    assert rec.state == RunState.FAILED and "max_failures=0" in (rec.state_reason or "")
 
 
 def test_cancelled_by_someone_else_ends_the_run_cancelled(tmp_path: Path) -> None:
@@ -222,14 +222,14 @@ def test_cancelled_by_someone_else_ends_the_run_cancelled(tmp_path: Path) -> Non
     rec.attempts.append(Attempt(number=1, job_id="5", submitted=NOW - 60))
     refresh(rec, [start("5")], snapshot("", f"5|CANCELLED by 0|0:0|{SUB}|{SUB}|{SUB}|n1\n"))
     assert rec.attempts[0].slurm_state == "CANCELLED by 0"
-    assert rec.state == runs.CANCELLED
+    assert rec.state == RunState.CANCELLED
 
 
 def test_sacct_lag_is_not_taken_for_a_lost_job(tmp_path: Path) -> None:
     rec = make_record(tmp_path)
     rec.attempts.append(Attempt(number=1, job_id="5", submitted=NOW - 10))
     refresh(rec, [], snapshot("", ""))  # just submitted: in neither squeue nor sacct yet
-    assert rec.attempts[0].state == runs.PENDING and rec.state == runs.PENDING
+    assert rec.attempts[0].state == AttemptState.PENDING and rec.state == RunState.PENDING
     # ... but gone from both for longer than LOST_AFTER_S, without an exit event: lost.
     refresh(rec, [start("5")], snapshot("", ""), now=NOW + 600)
     assert rec.attempts[0].stop_reason == "failed" and "vanished" in (rec.attempts[0].error or "")
@@ -244,23 +244,25 @@ def test_a_reused_job_id_row_from_an_older_job_is_ignored(tmp_path: Path) -> Non
         [start("3")],
         snapshot(f"3|RUNNING|None|n1|{SUB}|{SUB}\n", f"3|FAILED|1:0|{old}|{old}|{old}|n1\n"),
     )
-    assert rec.attempts[0].state == runs.RUNNING
-    assert rec.state == runs.RUNNING
+    assert rec.attempts[0].state == AttemptState.RUNNING
+    assert rec.state == RunState.RUNNING
 
 
 def test_local_job_gone_without_exit_event_is_failed(tmp_path: Path) -> None:
     rec = make_record(tmp_path, executor="local", max_failures=0)
     rec.attempts.append(Attempt(number=1, job_id="4242", submitted=NOW - 60))
     refresh(rec, [start("4242", nodes=("vm",))], None, local_alive={"4242": True})
-    assert rec.state == runs.RUNNING
-    refresh(rec, [start("4242", nodes=("vm",))], None, local_alive={"4242": False})
+    assert rec.state == RunState.RUNNING
+    rec = refresh(rec, [start("4242", nodes=("vm",))], None, local_alive={"4242": False})
     assert rec.attempts[0].stop_reason == "failed"
-    assert rec.state == runs.FAILED
+    assert rec.state == RunState.FAILED
 
 
 def test_budgets_count_failures_preemptions_and_crash_loops() -> None:
     def ended(reason: str, step: int | None) -> Attempt:
-        return Attempt(number=0, job_id="1", state="ended", stop_reason=reason, last_step=step)
+        return Attempt(
+            number=0, job_id="1", state=AttemptState.ENDED, stop_reason=StopReason(reason), last_step=step
+        )
 
     progress = [ended("failed", 10), ended("failed", 20), ended("failed", 30)]
     assert not check_budgets(progress, Budgets(max_failures=3)).exhausted
@@ -315,8 +317,16 @@ def test_follow_logs_carries_on_into_the_next_attempt_and_stops_at_a_final_state
     from orchestrator.lifecycle.logs import follow_logs
 
     rec = make_record(tmp_path, executor="local")
-    rec.attempts = [Attempt(number=1, job_id="5", attempt_key="5.0", state="ended", stop_reason="completed")]
-    rec.state = runs.COMPLETED
+    rec.attempts = [
+        Attempt(
+            number=1,
+            job_id="5",
+            attempt_key="5.0",
+            state=AttemptState.ENDED,
+            stop_reason=StopReason.COMPLETED,
+        )
+    ]
+    rec.state = RunState.COMPLETED
     (tmp_path / "logs").mkdir()
     runs.write_run(tmp_path, rec)
     (tmp_path / "logs" / "5_0_log.out").write_text(f"{marker_line('5.0', '0')}\nhello\npartial")
@@ -343,10 +353,10 @@ def test_submitits_start_line_belongs_to_the_attempt_it_starts(tmp_path: Path) -
 def test_a_cancelled_local_job_ends_its_attempt_cancelled(tmp_path: Path) -> None:
     rec = make_record(tmp_path, executor="local")
     rec.attempts.append(Attempt(number=1, job_id="4242", submitted=NOW - 60))
-    rec.cancel_requested, rec.state = True, runs.CANCELLED
+    rec.cancel_requested, rec.state = True, RunState.CANCELLED
     refresh(rec, [start("4242", nodes=("vm",))], None, local_alive={"4242": False})
     assert rec.attempts[0].stop_reason == "cancelled" and rec.attempts[0].error is None
-    assert rec.state == runs.CANCELLED
+    assert rec.state == RunState.CANCELLED
 
 
 def test_a_rank_that_died_before_the_worker_started_shows_its_error(tmp_path: Path) -> None:
@@ -361,7 +371,7 @@ def test_a_rank_that_died_before_the_worker_started_shows_its_error(tmp_path: Pa
     trace = "Traceback (most recent call last):\n  ...\nModuleNotFoundError: No module named 'worker'\n"
     (tmp_path / "logs" / "999999999_1_result.pkl").write_bytes(pickle.dumps(("error", trace)))
     (view,) = poll([tmp_path])
-    assert view.record.state == runs.FAILED
+    assert view.record.state == RunState.FAILED
     assert view.record.attempts[0].error == "ModuleNotFoundError: No module named 'worker' (rank 1)"
 
 
@@ -396,7 +406,7 @@ def test_a_killed_rank_is_the_cause_and_its_peers_error_the_consequence(tmp_path
     att = rec.attempts[0]
     assert att.error == f"rank 1 on n2 was killed by signal 9 (SIGKILL); then rank 0: {GLOO_RESET}"
     assert (att.stop_reason, att.slurm_state, att.exit_code) == ("failed", "FAILED", "9:0")
-    assert rec.state == runs.STOPPED
+    assert rec.state == RunState.STOPPED
     assert rec.state_reason == f"attempt 1 failed: {att.error}"
 
 
@@ -487,7 +497,7 @@ def test_an_attempt_whose_worker_exited_is_finishing_until_the_scheduler_records
     refresh(rec, events, running)
     att = rec.attempts[0]
     assert (att.state, att.slurm_state, att.exit_code) == ("ended", runs.SLURM_FINISHING, None)
-    assert rec.state == runs.COMPLETED
+    assert rec.state == RunState.COMPLETED
     refresh(rec, events, snapshot(f"5|COMPLETING|None|n[1-2]|{SUB}|{SUB}\n", RUNNING_ROW))
     assert att.slurm_state == runs.SLURM_FINISHING
     # The scheduler's final record arrives: its state and exit code replace the label.
@@ -531,7 +541,7 @@ def test_status_json_and_text_agree_on_a_finishing_attempt_and_keep_asking_for_i
         (view,) = poll([tmp_path])
         detail = run_detail(view)
         (shown,) = detail["attempts"]
-        assert detail["state"] == runs.COMPLETED
+        assert detail["state"] == RunState.COMPLETED
         assert (shown["slurm_state"], shown["exit_code"]) == ("finishing", None)
         assert "scheduler finishing" in "\n".join(detail_lines(detail))
         # squeue says COMPLETED before sacct has the row: keep asking until the exit code is in.
@@ -543,3 +553,34 @@ def test_status_json_and_text_agree_on_a_finishing_attempt_and_keep_asking_for_i
         (view,) = poll([tmp_path])
     final = run_detail(view)["attempts"][0]
     assert (final["slurm_state"], final["exit_code"]) == ("COMPLETED", "0:0")
+
+
+def test_states_and_reasons_are_enums_that_run_json_spells_as_the_plain_strings_of_before(
+    tmp_path: Path,
+) -> None:
+    rec = make_record(tmp_path)
+    rec.state = RunState.STOPPED
+    rec.attempts = [
+        Attempt(number=1, job_id="5", state=AttemptState.ENDED, stop_reason=StopReason.NODE_FAIL),
+        Attempt(number=2, job_id="6"),
+    ]
+    runs.write_run(tmp_path, rec)
+    raw = (tmp_path / "run.json").read_text()
+    assert '"state": "stopped"' in raw and '"stop_reason": "node_fail"' in raw and '"state": "ended"' in raw
+    assert '"state": "pending"' in raw  # the second attempt's default
+    back = runs.read_run(tmp_path)
+    assert back.state is RunState.STOPPED and f"{back.state}" == "stopped"
+    ended, pending = back.attempts
+    assert ended.state is AttemptState.ENDED and ended.stop_reason is StopReason.NODE_FAIL
+    assert pending.state is AttemptState.PENDING and pending.stop_reason is None
+    # Read and written again, the file is the same but for the `updated` stamp.
+    runs.write_run(tmp_path, back)
+    again = json.loads((tmp_path / "run.json").read_text())
+    first = json.loads(raw)
+    again.pop("updated"), first.pop("updated")
+    assert again == first
+
+
+def test_an_unknown_exit_reason_from_a_worker_counts_as_a_failure() -> None:
+    assert StopReason.parse("preempted") is StopReason.PREEMPTED
+    assert StopReason.parse("exploded") is StopReason.FAILED

@@ -16,6 +16,7 @@ from orchestrator.errors import ConfigError, NothingToCancelError, SubmissionErr
 from orchestrator.lifecycle import control, submit
 from orchestrator.lifecycle.bundle import redact_env
 from orchestrator.rundir import runs
+from orchestrator.rundir.runs import RunState
 
 TINY_SLURM = str(REPO / "configs" / "tiny-slurm.yaml")
 
@@ -44,7 +45,7 @@ def test_submit_creates_the_run_and_submits_one_job(fake: FakeSlurm, weird_home:
     rec = runs.read_run(run_dir)
     assert rec.name == "tiny-slurm" and rec.executor == "slurm"
     assert [a.job_id for a in rec.attempts] == ["100"]
-    assert rec.state == runs.PENDING
+    assert rec.state == RunState.PENDING
     assert fake.count("sbatch") == 1
     assert rec.config_hash == runs.config_hash((run_dir / "run.yaml").read_text())
     for name in ("sbatch.sh", "hostfile", "ds_config.json", "accelerate_config.yaml", "run.yaml"):
@@ -123,7 +124,7 @@ def test_failed_sbatch_leaves_a_record_saying_so(fake: FakeSlurm, tmp_path: Path
         _submit(tmp_path / "home")
     (run_dir,) = runs.list_runs(tmp_path / "home")
     rec = runs.read_run(run_dir)
-    assert rec.state == runs.FAILED and "invalid partition" in (rec.state_reason or "")
+    assert rec.state == RunState.FAILED and "invalid partition" in (rec.state_reason or "")
     assert rec.attempts[0].job_id is None, "never a half-submitted job"
 
 
@@ -149,7 +150,7 @@ def test_cancel_records_cancelled_before_scancel(fake: FakeSlurm, tmp_path: Path
     seen: list[str] = []
     fake.on_scancel = lambda jid: seen.append(runs.read_run(run_dir).state)
     rec = control.cancel(run_dir)
-    assert seen == [runs.CANCELLED]
+    assert seen == [RunState.CANCELLED]
     assert rec.cancel_requested
     assert fake.calls[-1] == ["scancel", "100"]
 
@@ -166,7 +167,7 @@ def test_a_cancelled_run_cannot_be_resumed(fake: FakeSlurm, tmp_path: Path) -> N
 
 def test_cancel_refuses_a_completed_run(fake: FakeSlurm, tmp_path: Path) -> None:
     run_dir = _submit(tmp_path / "home")
-    runs.update_run(run_dir, lambda r: setattr(r, "state", runs.COMPLETED))
+    runs.update_run(run_dir, lambda r: setattr(r, "state", RunState.COMPLETED))
     with pytest.raises(NothingToCancelError, match="already completed"):
         control.cancel(run_dir)
     assert fake.count("scancel") == 0

@@ -15,6 +15,7 @@ from helpers import REPO
 from orchestrator.lifecycle import control, submit
 from orchestrator.lifecycle.watch import resume, watch, watch_once
 from orchestrator.rundir import runs
+from orchestrator.rundir.runs import RunState
 
 TINY_SLURM = str(REPO / "configs" / "tiny-slurm.yaml")
 
@@ -78,7 +79,7 @@ def test_crash_loop_stops_the_run_as_failed(fake: FakeSlurm, tmp_path: Path) -> 
         fake.add_acct(job, "FAILED", "1:0")
         watch_once([run_dir], lambda _: None)
     rec = runs.read_run(run_dir)
-    assert rec.state == runs.FAILED and "crash loop" in (rec.state_reason or "")
+    assert rec.state == RunState.FAILED and "crash loop" in (rec.state_reason or "")
     assert len(rec.attempts) == 2, "no third submission"
 
 
@@ -88,7 +89,7 @@ def test_max_failures_zero_fails_at_the_first_crash(fake: FakeSlurm, tmp_path: P
     _event(run_dir, event="exit", reason="failed", step=0, requeued=False, error="boom")
     fake.set_state("100", "FAILED")
     watch_once([run_dir], lambda _: None)
-    assert runs.read_run(run_dir).state == runs.FAILED
+    assert runs.read_run(run_dir).state == RunState.FAILED
     assert fake.count("sbatch") == 1
 
 
@@ -101,7 +102,7 @@ def test_exhausted_preemption_budget_cancels_the_requeued_job(fake: FakeSlurm, t
     lines: list[str] = []
     watch_once([run_dir], lines.append)
     rec = runs.read_run(run_dir)
-    assert rec.state == runs.FAILED and "max_preemptions=0" in (rec.state_reason or "")
+    assert rec.state == RunState.FAILED and "max_preemptions=0" in (rec.state_reason or "")
     assert ["scancel", "100"] in fake.calls
 
 
@@ -113,7 +114,7 @@ def test_preemptions_are_requeued_without_limit_by_default(fake: FakeSlurm, tmp_
     fake.set_state("100", "PENDING")
     watch_once([run_dir], lambda _: None)
     rec = runs.read_run(run_dir)
-    assert rec.state == runs.REQUEUED
+    assert rec.state == RunState.REQUEUED
     assert len(rec.attempts) == 5 and fake.count("scancel") == 0
 
 
@@ -123,7 +124,7 @@ def test_a_cancelled_run_never_comes_back(fake: FakeSlurm, tmp_path: Path) -> No
     control.cancel(run_dir)
     watch_once([run_dir], lambda _: None)
     rec = runs.read_run(run_dir)
-    assert rec.state == runs.CANCELLED
+    assert rec.state == RunState.CANCELLED
     assert fake.count("sbatch") == 1
 
 
@@ -155,4 +156,5 @@ def test_watch_once_covers_every_unfinished_run_under_home(fake: FakeSlurm, tmp_
     fake.set_state("100", "COMPLETED")
     lines: list[str] = []
     views = watch(tmp_path, [], interval=0, once=True, echo=lines.append)
-    assert {v.record.run_id: v.record.state for v in views} == {a.name: runs.COMPLETED, b.name: runs.PENDING}
+    states = {v.record.run_id: v.record.state for v in views}
+    assert states == {a.name: RunState.COMPLETED, b.name: RunState.PENDING}

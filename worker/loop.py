@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import InjectedFault
 from orchestrator.rundir.exitcodes import EXIT_COMPLETED
+from orchestrator.rundir.runs import StopReason
 from orchestrator.spec.schema import RunConfig
 from worker import checkpoint as ckpt
 from worker.dist import DistInfo
@@ -298,7 +299,7 @@ class Trainer:
 
                 out = export_run(self.run_dir)
                 logger.info("exported a Hugging Face folder to %s", out)
-        self.reporter.event("exit", reason="completed", step=self.step, requeued=False, error=None)
+        self.reporter.event("exit", reason=StopReason.COMPLETED, step=self.step, requeued=False, error=None)
         return EXIT_COMPLETED
 
     def _log_eval(self) -> None:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 from orchestrator.backends.local import LocalRunningJob
 from orchestrator.backends.slurm.injob import SlurmRunningJob
 from orchestrator.rundir import runs
+from orchestrator.rundir.runs import StopReason
 
 if TYPE_CHECKING:
     from orchestrator.backends.base import RunningJob
@@ -148,13 +149,13 @@ SIGNAL_CODES = {None: 0, "USR2": 1, "TERM": 2}
 CODE_SIGNALS = {code: name for name, code in SIGNAL_CODES.items()}
 
 
-def stop_reason(*, end_time: float | None, signal_delay_s: int, now: float) -> str:
+def stop_reason(*, end_time: float | None, signal_delay_s: int, now: float) -> StopReason:
     """`timeout` when the job's time limit ends (`end_time`) within `signal_delay_s` + 90 s, else
     `preempted` (also when nobody can tell when it ends)."""
     horizon = signal_delay_s + TIMEOUT_MARGIN_S
     if end_time is not None:
-        return "timeout" if end_time - now <= horizon else "preempted"
-    return "preempted"
+        return StopReason.TIMEOUT if end_time - now <= horizon else StopReason.PREEMPTED
+    return StopReason.PREEMPTED
 
 
 def running_job(info: DistInfo, env: Mapping[str, str] | None = None) -> RunningJob:
@@ -165,7 +166,7 @@ def running_job(info: DistInfo, env: Mapping[str, str] | None = None) -> Running
     return LocalRunningJob.from_env(os.environ if env is None else env)
 
 
-def job_stop_reason(job: RunningJob, signal_delay_s: int) -> str:
+def job_stop_reason(job: RunningJob, signal_delay_s: int) -> StopReason:
     """`stop_reason` for `job`: when its time limit ends, as its scheduler tells."""
     return stop_reason(end_time=job.time_limit_end(), signal_delay_s=signal_delay_s, now=time.time())
 

@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from orchestrator.rundir.exitcodes import EXIT_STOPPED
+from orchestrator.rundir.runs import StopReason
 from worker.signals import cancel_requested, job_stop_reason, running_job
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ def stop_on_signal(trainer: Trainer, signal_name: str, last_saved: int) -> int:
         job = running_job(trainer.info)
         reason = job_stop_reason(job, trainer.cfg.cluster.signal_delay_s)
         if _cancelled(trainer, signal_name, job):
-            reason = "cancelled"
+            reason = StopReason.CANCELLED
         elif trainer.cfg.cluster.requeue:
             requeued = job.requeue()
         trainer.reporter.event("exit", reason=reason, step=trainer.step, requeued=requeued, error=None)

@@ -19,6 +19,7 @@ from typing import Any
 from orchestrator.errors import ExitWithoutProgress, InjectedFault
 from orchestrator.rundir.exitcodes import EXIT_COMPLETED
 from orchestrator.rundir.reports import read_progress
+from orchestrator.rundir.runs import StopReason
 from orchestrator.spec.schema import RunConfig
 from worker.dist import DistInfo, init_distributed, resolve_dist
 from worker.loop import Trainer, peak_rss_mb
@@ -88,7 +89,7 @@ def run(cfg: RunConfig, run_dir: str | Path, *, info: DistInfo | None = None) ->
             )
             try:
                 failed.event(
-                    "exit", reason="failed", step=trainer.step if trainer else 0, requeued=False,
+                    "exit", reason=StopReason.FAILED, step=trainer.step if trainer else 0, requeued=False,
                     error=f"{type(exc).__name__}: {exc}",
                 )
             except OSError:

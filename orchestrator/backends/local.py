@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.rundir.runs import AttemptState, StopReason
+
 if TYPE_CHECKING:  # type-only: the worker imports this module
     from orchestrator.backends.base import Observation
     from orchestrator.rundir.runs import RunRecord
@@ -62,7 +64,7 @@ def apply_local(rec: RunRecord, alive: Mapping[str, bool], now: float) -> None:
     for att in rec.attempts:
         if not att.job_id:
             continue
-        if att.state == "ended":
+        if att.state == AttemptState.ENDED:
             if att.slurm_state == "RUNNING":  # the worker wrote its exit event
                 att.slurm_state = "EXITED"
             continue
@@ -70,13 +72,13 @@ def apply_local(rec: RunRecord, alive: Mapping[str, bool], now: float) -> None:
             att.last_seen_alive = now
             att.slurm_state = "RUNNING"
             continue
-        att.state = "ended"
+        att.state = AttemptState.ENDED
         att.ended = now
         att.slurm_state = "EXITED"
         if rec.cancel_requested:
-            att.stop_reason = "cancelled"
+            att.stop_reason = StopReason.CANCELLED
         else:
-            att.stop_reason = "failed"
+            att.stop_reason = StopReason.FAILED
             att.error = att.error or "the local job ended without an exit event from the worker"
 
 

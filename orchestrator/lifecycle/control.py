@@ -13,7 +13,7 @@ from pathlib import Path
 from orchestrator.backends import backend_for
 from orchestrator.errors import NothingToCancelError
 from orchestrator.rundir import runs
-from orchestrator.rundir.runs import RunRecord
+from orchestrator.rundir.runs import RunRecord, RunState
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +22,10 @@ def cancel(run_dir: Path) -> RunRecord:
     """Cancel the run: record `cancelled` first, then cancel its job (the run's backend)."""
 
     def _mark(r: RunRecord) -> None:
-        if r.state in (runs.COMPLETED, runs.FAILED):
+        if r.state in (RunState.COMPLETED, RunState.FAILED):
             raise NothingToCancelError(f"run {r.run_id} already {r.state}; nothing to cancel")
         r.cancel_requested = True
-        r.state, r.state_reason = runs.CANCELLED, "cancelled by moe-orch cancel"
+        r.state, r.state_reason = RunState.CANCELLED, "cancelled by moe-orch cancel"
 
     rec = runs.update_run(run_dir, _mark)
     cur = rec.current

@@ -23,7 +23,7 @@ from typing import Any
 
 from orchestrator.backends.base import Observation
 from orchestrator.rundir import runs
-from orchestrator.rundir.runs import Attempt, RunRecord
+from orchestrator.rundir.runs import Attempt, AttemptState, RunRecord, RunState, StopReason
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +87,14 @@ def apply_events(
                 if (
                     other is not att
                     and other.job_id == att.job_id
-                    and other.state != "ended"
+                    and other.state != AttemptState.ENDED
                     and other.started
                 ):
                     if other.number < att.number:
-                        other.state = "ended"
+                        other.state = AttemptState.ENDED
                         other.ended = other.ended or when
                         other.requeued = True
-                        other.stop_reason = other.stop_reason or "preempted"
+                        other.stop_reason = other.stop_reason or StopReason.PREEMPTED
             att.restart = int(ev.get("restart") or 0)
             att.started = att.started or when
             att.nodes = [str(n) for n in ev.get("nodes") or []] or att.nodes
@@ -102,8 +102,8 @@ def apply_events(
             att.steps_redone = ev.get("steps_redone")
             if ev.get("resumed_step") is not None and att.last_step is None:
                 att.last_step = int(ev["resumed_step"])
-            if att.state != "ended":
-                att.state = runs.RUNNING
+            if att.state != AttemptState.ENDED:
+                att.state = AttemptState.RUNNING
             cur = att
         elif cur is None:
             continue
@@ -113,9 +113,9 @@ def apply_events(
         elif kind in ("checkpoint", "signal"):
             _bump_step(cur, ev.get("step"))
         elif kind == "exit":
-            cur.state = "ended"
+            cur.state = AttemptState.ENDED
             cur.ended = when
-            cur.stop_reason = str(ev.get("reason") or "failed")
+            cur.stop_reason = StopReason.parse(ev.get("reason") or StopReason.FAILED)
             _bump_step(cur, ev.get("step"))
             cur.requeued = bool(ev.get("requeued"))
             cur.error = ev.get("error")
@@ -144,7 +144,7 @@ class BudgetVerdict:
 
 
 def check_budgets(attempts: list[Attempt], budgets: Budgets) -> BudgetVerdict:
-    ended = [a for a in attempts if a.state == "ended"]
+    ended = [a for a in attempts if a.state == AttemptState.ENDED]
     failures = sum(1 for a in ended if a.stop_reason in runs.FAILURE_REASONS)
     preemptions = sum(1 for a in ended if a.stop_reason in runs.PREEMPTION_REASONS)
     best = 0  # step 0: nothing trained yet
@@ -180,32 +180,37 @@ def derive_state(rec: RunRecord, budgets: Budgets, job_alive: bool) -> None:
         return
     cur = rec.current
     if cur is None:
-        rec.state = runs.PENDING
+        rec.state = RunState.PENDING
         return
-    if cur.state == runs.RUNNING or (cur.state != "ended" and cur.slurm_state in ("RUNNING", "CONFIGURING")):
+    if cur.state == AttemptState.RUNNING or (
+        cur.state != AttemptState.ENDED and cur.slurm_state in ("RUNNING", "CONFIGURING")
+    ):
         # NOTE: the job runs before the worker's start event (imports take seconds).
-        rec.state, rec.state_reason = runs.RUNNING, None
+        rec.state, rec.state_reason = RunState.RUNNING, None
         return
-    if cur.state != "ended":
-        rec.state, rec.state_reason = runs.PENDING, None
+    if cur.state != AttemptState.ENDED:
+        rec.state, rec.state_reason = RunState.PENDING, None
         return
-    if cur.stop_reason == "completed":
-        rec.state, rec.state_reason = runs.COMPLETED, None
+    if cur.stop_reason == StopReason.COMPLETED:
+        rec.state, rec.state_reason = RunState.COMPLETED, None
         return
-    if cur.stop_reason == "cancelled" and not cur.requeued:
-        rec.state, rec.state_reason = runs.CANCELLED, f"job {cur.job_id} was cancelled ({cur.slurm_state})"
+    if cur.stop_reason == StopReason.CANCELLED and not cur.requeued:
+        rec.state, rec.state_reason = (
+            RunState.CANCELLED,
+            f"job {cur.job_id} was cancelled ({cur.slurm_state})",
+        )
         return
     if job_alive and cur.requeued:
         rec.state, rec.state_reason = (
-            runs.REQUEUED,
+            RunState.REQUEUED,
             f"attempt {cur.number} {cur.stop_reason}; SLURM requeued it",
         )
         return
     verdict = check_budgets(rec.attempts, budgets)
     if verdict.exhausted:
-        rec.state, rec.state_reason = runs.FAILED, verdict.reason
+        rec.state, rec.state_reason = RunState.FAILED, verdict.reason
         return
-    rec.state = runs.STOPPED
+    rec.state = RunState.STOPPED
     rec.state_reason = f"attempt {cur.number} {cur.stop_reason}" + (f": {cur.error}" if cur.error else "")
 
 

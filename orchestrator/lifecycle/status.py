@@ -18,7 +18,7 @@ from typing import Any
 from orchestrator.backends import Backend, Observation, backend_for
 from orchestrator.lifecycle.reconcile import Budgets, reconcile
 from orchestrator.rundir import checkpoints, reports, runs
-from orchestrator.rundir.runs import RunRecord
+from orchestrator.rundir.runs import AttemptState, RunRecord, RunState, StopReason
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class RunView:
     def eta_s(self) -> float | None:
         p = self.progress or {}
         step, total, dt = p.get("step"), p.get("total_steps"), p.get("step_time_s")
-        if self.record.state != runs.RUNNING:
+        if self.record.state != RunState.RUNNING:
             return None
         if not (
             isinstance(step, (int, float))
@@ -62,7 +62,7 @@ class RunView:
 def _stale(run_dir: Path, rec: RunRecord, backend: Backend) -> bool:
     """Whether the poll must refresh the run: it is not final, its backend still has something to
     say about it, or its worker wrote events since the record was written."""
-    open_attempt = rec.current is not None and rec.current.state != "ended"
+    open_attempt = rec.current is not None and rec.current.state != AttemptState.ENDED
     return not rec.final or open_attempt or backend.needs_scheduler(rec) or _events_newer(run_dir, rec)
 
 
@@ -127,7 +127,12 @@ def result_error(run_dir: Path, job_id: str) -> str | None:
 def _attach_result_errors(rec: RunRecord, run_dir: Path) -> None:
     for att in rec.attempts:
         generic = att.error is None or "without an exit event" in att.error
-        if att.state == "ended" and att.job_id and att.stop_reason == "failed" and generic:
+        if (
+            att.state == AttemptState.ENDED
+            and att.job_id
+            and att.stop_reason == StopReason.FAILED
+            and generic
+        ):
             found = result_error(run_dir, att.job_id)
             if found:
                 att.error = found

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.backends import backend_for
 from orchestrator.errors import DataFileError, MoeOrchError, SubmissionError
 from orchestrator.rundir import runs
-from orchestrator.rundir.runs import Attempt, RunRecord
+from orchestrator.rundir.runs import Attempt, AttemptState, RunRecord, RunState, StopReason
 
 if TYPE_CHECKING:  # the schema (pydantic models) is not needed by status/cancel
     from orchestrator.spec.schema import RunConfig
@@ -188,14 +188,14 @@ def submit_attempt(run_dir: Path, cfg: RunConfig, *, note: str | None, freeze: s
                     job_id=None,
                     submitted=submitted,
                     ended=time.time(),
-                    state="ended",
-                    stop_reason="failed",
+                    state=AttemptState.ENDED,
+                    stop_reason=StopReason.FAILED,
                     error=f"submission failed: {message}",
                     exclude=plan.cfg.cluster.exclude,
                     note=note,
                 )
             )
-            r.state, r.state_reason = runs.FAILED, f"submission failed: {message}"
+            r.state, r.state_reason = RunState.FAILED, f"submission failed: {message}"
 
         runs.update_run(run_dir, _failed)
         if isinstance(exc, MoeOrchError):
@@ -215,7 +215,7 @@ def submit_attempt(run_dir: Path, cfg: RunConfig, *, note: str | None, freeze: s
             )
         )
         if not r.final:
-            r.state, r.state_reason = runs.PENDING, None
+            r.state, r.state_reason = RunState.PENDING, None
 
     rec = runs.update_run(run_dir, _record)
     return rec.attempts[-1]
@@ -251,7 +251,7 @@ def resubmit(run_dir: Path, *, note: str) -> Attempt:
     from orchestrator.spec.loading import load_resolved
 
     rec = runs.read_run(run_dir)
-    if rec.state == runs.CANCELLED or rec.cancel_requested:
+    if rec.state == RunState.CANCELLED or rec.cancel_requested:
         raise SubmissionError(f"run {rec.run_id} was cancelled; a cancelled run never comes back")
     cfg = load_resolved(run_dir / "run.yaml")
     return submit_attempt(run_dir, cfg, note=note, freeze=None)

@@ -21,7 +21,7 @@ from orchestrator.errors import SubmissionError
 from orchestrator.lifecycle.reconcile import Budgets, check_budgets
 from orchestrator.lifecycle.status import RunView, poll
 from orchestrator.rundir import runs
-from orchestrator.rundir.runs import RunRecord
+from orchestrator.rundir.runs import RunRecord, RunState, StopReason
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ Echo = Callable[[str], None]
 
 def _failed_nodes(rec: RunRecord) -> list[str]:
     cur = rec.current
-    if cur is None or cur.stop_reason != "node_fail":
+    if cur is None or cur.stop_reason != StopReason.NODE_FAIL:
         return []
     return backend_for(rec.executor).unhealthy_nodes(cur.nodes)
 
@@ -45,16 +45,16 @@ def resume(run_dir: Path, *, note: str | None = None, force: bool = True) -> Run
     view = poll([run_dir])[0]
     rec = view.record
     cur = rec.current
-    if rec.state == runs.CANCELLED or rec.cancel_requested:
+    if rec.state == RunState.CANCELLED or rec.cancel_requested:
         raise SubmissionError(f"run {rec.run_id} was cancelled; a cancelled run never comes back")
-    if rec.state == runs.COMPLETED:
+    if rec.state == RunState.COMPLETED:
         raise SubmissionError(f"run {rec.run_id} already completed; nothing to resume")
-    if rec.state in (runs.RUNNING, runs.PENDING, runs.REQUEUED):
+    if rec.state in (RunState.RUNNING, RunState.PENDING, RunState.REQUEUED):
         job = cur.job_id if cur else "?"
         raise SubmissionError(
             f"run {rec.run_id} is {rec.state} (job {job}); wait for it, or `moe-orch cancel` it first"
         )
-    if rec.state == runs.FAILED and not force:
+    if rec.state == RunState.FAILED and not force:
         raise SubmissionError(f"run {rec.run_id} failed: {rec.state_reason}")
     bad = _failed_nodes(rec)
     reason = f"attempt {cur.number} {cur.stop_reason}" if cur else "no attempt"
@@ -63,7 +63,7 @@ def resume(run_dir: Path, *, note: str | None = None, force: bool = True) -> Run
         for node in bad:
             if node not in r.excluded_nodes:
                 r.excluded_nodes.append(node)
-        r.state, r.state_reason = runs.PENDING, None
+        r.state, r.state_reason = RunState.PENDING, None
 
     runs.update_run(run_dir, _prepare)
     why = note or f"resumed by hand after {reason}"
@@ -76,9 +76,9 @@ def resume(run_dir: Path, *, note: str | None = None, force: bool = True) -> Run
 def act(view: RunView, echo: Echo) -> str | None:
     """What `watch` does for one refreshed run; returns a line describing the action, if any."""
     rec = view.record
-    if rec.state == runs.STOPPED:
+    if rec.state == RunState.STOPPED:
         cur = rec.current
-        reason = f"attempt {cur.number} {cur.stop_reason}" if cur else "stopped"
+        reason = f"attempt {cur.number} {cur.stop_reason}" if cur else RunState.STOPPED.value
         try:
             new = resume(view.run_dir, note=f"resubmitted by watch after {reason}")
         except SubmissionError as exc:
@@ -86,18 +86,23 @@ def act(view: RunView, echo: Echo) -> str | None:
         att = new.current
         job = att.job_id if att else "?"
         return f"{rec.run_id}: {reason}; resubmitted as job {job} ({att.note if att else ''})"
-    if rec.state == runs.REQUEUED:
+    if rec.state == RunState.REQUEUED:
         verdict = check_budgets(rec.attempts, Budgets.from_dict(rec.budgets))
         if verdict.exhausted:
 
             def _fail(r: RunRecord) -> None:
-                r.state, r.state_reason = runs.FAILED, verdict.reason
+                r.state, r.state_reason = RunState.FAILED, verdict.reason
 
             runs.update_run(view.run_dir, _fail)
             if rec.current and rec.current.job_id:
                 backend_for(rec.executor).cancel(rec.current.job_id)
             return f"{rec.run_id}: {verdict.reason}; cancelled the requeued job"
-    if rec.state == runs.CANCELLED and view.observation is not None and rec.current and rec.current.job_id:
+    if (
+        rec.state == RunState.CANCELLED
+        and view.observation is not None
+        and rec.current
+        and rec.current.job_id
+    ):
         job_id = rec.current.job_id
         if backend_for(rec.executor).cancel_again(job_id, view.observation):
             return f"{rec.run_id}: cancelled run still had job {job_id}; cancel sent again"

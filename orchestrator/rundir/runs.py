@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +37,56 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
 
-# Run states. `requeued`: SLURM will start the same job again (preemption, time limit, node
-# failure with --requeue). `stopped`: the last attempt ended without a requeue and the budgets
-# allow another one: `watch` or `resume` resubmits it.
-PENDING, RUNNING, REQUEUED, STOPPED = "pending", "running", "requeued", "stopped"
-COMPLETED, FAILED, CANCELLED = "completed", "failed", "cancelled"
-FINAL_STATES = frozenset({COMPLETED, FAILED, CANCELLED})
+class _Value(str, Enum):
+    """A state or reason as run.json spells it: compares equal to, prints as and is written to
+    JSON as its value, so run.json stays byte-compatible with the plain strings of before."""
 
-# Why an attempt stopped.
-STOP_REASONS = ("completed", "preempted", "timeout", "node_fail", "failed", "cancelled")
-FAILURE_REASONS = frozenset({"failed", "node_fail"})
-PREEMPTION_REASONS = frozenset({"preempted", "timeout"})
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class RunState(_Value):
+    """A run's state (`RunRecord.state`)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    REQUEUED = "requeued"  # SLURM will start the same job again (preemption, time limit, requeue)
+    STOPPED = "stopped"  # ended without a requeue, budgets allow more: watch/resume resubmits it
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class AttemptState(_Value):
+    """An attempt's state (`Attempt.state`)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    ENDED = "ended"
+
+
+class StopReason(_Value):
+    """Why an attempt stopped (`Attempt.stop_reason`; the worker's `exit` event `reason`)."""
+
+    COMPLETED = "completed"
+    PREEMPTED = "preempted"
+    TIMEOUT = "timeout"
+    NODE_FAIL = "node_fail"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @classmethod
+    def parse(cls, text: object) -> StopReason:
+        """An `exit` event's reason; anything unknown is a failure (never a silent success)."""
+        try:
+            return cls(str(text))
+        except ValueError:
+            return cls.FAILED
+
+
+FINAL_STATES = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.CANCELLED})
+FAILURE_REASONS = frozenset({StopReason.FAILED, StopReason.NODE_FAIL})
+PREEMPTION_REASONS = frozenset({StopReason.PREEMPTED, StopReason.TIMEOUT})
 
 SLURM_FINISHING = "finishing"
 """An attempt's `slurm_state` after the worker's exit event while the scheduler still shows the run
@@ -76,8 +116,8 @@ class Attempt:
     # Last scheduler state seen (sacct/squeue), e.g. "NODE_FAIL"; SLURM_FINISHING between the
     # worker's exit event and the scheduler's final record.
     slurm_state: str | None = None
-    state: str = PENDING  # pending | running | ended
-    stop_reason: str | None = None
+    state: AttemptState = AttemptState.PENDING
+    stop_reason: StopReason | None = None
     exit_code: str | None = None
     first_step: int | None = None
     last_step: int | None = None
@@ -91,7 +131,11 @@ class Attempt:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Attempt:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        att = cls(**{k: v for k, v in data.items() if k in names})
+        att.state = AttemptState(att.state)
+        if att.stop_reason is not None:
+            att.stop_reason = StopReason.parse(att.stop_reason)
+        return att
 
 
 @dataclass
@@ -104,7 +148,7 @@ class RunRecord:
     run_dir: str
     home: str
     config_source: str | None = None
-    state: str = PENDING
+    state: RunState = RunState.PENDING
     state_reason: str | None = None
     cancel_requested: bool = False
     budgets: dict[str, Any] = field(default_factory=dict)
@@ -129,6 +173,7 @@ class RunRecord:
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in names and k != "attempts"}
         rec = cls(**values)
+        rec.state = RunState(rec.state)
         rec.attempts = [Attempt.from_dict(a) for a in data.get("attempts", [])]
         return rec
 

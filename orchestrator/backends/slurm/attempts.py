@@ -22,7 +22,7 @@ from orchestrator.backends.slurm.scheduler import (
     stop_reason_for,
 )
 from orchestrator.rundir import runs
-from orchestrator.rundir.runs import Attempt, RunRecord
+from orchestrator.rundir.runs import Attempt, AttemptState, RunRecord, StopReason
 
 LOST_AFTER_S = 60.0
 """An attempt absent from squeue and sacct this long after it was last seen is lost."""
@@ -60,7 +60,7 @@ def apply_scheduler(rec: RunRecord, snap: Snapshot, now: float) -> None:
         if acct is not None and acct.final:
             att.slurm_state = acct.state + (f" by {acct.cancelled_by}" if acct.cancelled_by else "")
             att.exit_code = acct.exit_code
-        if att.state == "ended":
+        if att.state == AttemptState.ENDED:
             if acct is None or not acct.final:
                 shown_alive = att.slurm_state is not None and att.slurm_state.split()[0] in ALIVE_STATES
                 if q is not None and not q.alive and latest_of_job:
@@ -79,10 +79,10 @@ def apply_scheduler(rec: RunRecord, snap: Snapshot, now: float) -> None:
             att.last_seen_alive = now
             if att.started and q.state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
                 # The job was requeued (by the worker, by SLURM on preemption or node failure).
-                att.state = "ended"
+                att.state = AttemptState.ENDED
                 att.requeued = True
                 att.ended = (acct.end if acct else None) or now
-                att.stop_reason = (stop_reason_for(acct.state) if acct else None) or "preempted"
+                att.stop_reason = (stop_reason_for(acct.state) if acct else None) or StopReason.PREEMPTED
             else:
                 att.slurm_state = q.state
                 if not att.nodes and q.nodelist:
@@ -95,18 +95,18 @@ def apply_scheduler(rec: RunRecord, snap: Snapshot, now: float) -> None:
         elif q is not None and not q.alive and latest_of_job:
             final_state = q.state
         if final_state is not None:
-            att.state = "ended"
+            att.state = AttemptState.ENDED
             att.ended = ended or now
             att.slurm_state = att.slurm_state or final_state
-            att.stop_reason = stop_reason_for(final_state) or "failed"
+            att.stop_reason = stop_reason_for(final_state) or StopReason.FAILED
             if acct is not None and acct.state in ("NODE_FAIL", "PREEMPTED", "REQUEUED"):
                 att.requeued = q is not None and q.alive
-            if att.stop_reason not in ("completed", "cancelled") and not att.error:
+            if att.stop_reason not in (StopReason.COMPLETED, StopReason.CANCELLED) and not att.error:
                 att.error = f"SLURM state {final_state} without an exit event from the worker"
             continue
         seen = att.last_seen_alive or att.submitted or now
         if not snap.errors and now - seen > LOST_AFTER_S:
-            att.state = "ended"
+            att.state = AttemptState.ENDED
             att.ended = now
-            att.stop_reason = "failed"
+            att.stop_reason = StopReason.FAILED
             att.error = "the job vanished from squeue and sacct without an exit event"

@@ -23,7 +23,7 @@ from orchestrator.backends.slurm import scheduler
 from orchestrator.backends.slurm.attempts import apply_scheduler
 from orchestrator.backends.slurm.task_reports import TaskExit, apply_task_exits, run_task_exits, worker_errors
 from orchestrator.errors import SchedulerError, SubmissionError
-from orchestrator.rundir import runs
+from orchestrator.rundir.runs import AttemptState, RunState
 
 if TYPE_CHECKING:
     from orchestrator.backends.base import Observation
@@ -170,11 +170,13 @@ class SlurmBackend:
         return ex
 
     def needs_scheduler(self, rec: RunRecord) -> bool:
-        return not rec.final or rec.state == runs.CANCELLED or _settling(rec)
+        return not rec.final or rec.state == RunState.CANCELLED or _settling(rec)
 
     def observe(self, records: Sequence[tuple[Path, RunRecord]]) -> dict[Path, Observation]:
         asking = [rec for _, rec in records if self.needs_scheduler(rec)]
-        job_ids = [a.job_id for rec in asking for a in rec.attempts if a.job_id and a.state != "ended"]
+        job_ids = [
+            a.job_id for rec in asking for a in rec.attempts if a.job_id and a.state != AttemptState.ENDED
+        ]
         # Also the latest job of each run: its scheduler row says whether SLURM requeued it.
         job_ids += [rec.current.job_id for rec in asking if rec.current and rec.current.job_id]
         snap = scheduler.query(job_ids) if job_ids else None

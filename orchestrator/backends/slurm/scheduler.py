@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from orchestrator.backends import nodelist as nodelist_mod
 from orchestrator.backends.slurm.injob import parse_time
 from orchestrator.errors import ConfigError, SchedulerError
+from orchestrator.rundir.runs import StopReason
 
 logger = logging.getLogger(__name__)
 
@@ -50,21 +51,21 @@ FINAL_STATES = frozenset(
     }
 )  # fmt: skip
 
-_STOP_REASON = {
-    "COMPLETED": "completed",
-    "FAILED": "failed",
-    "CANCELLED": "cancelled",
-    "TIMEOUT": "timeout",
-    "DEADLINE": "timeout",
-    "NODE_FAIL": "node_fail",
-    "BOOT_FAIL": "node_fail",
-    "PREEMPTED": "preempted",
-    "REQUEUED": "preempted",
-    "OUT_OF_MEMORY": "failed",
+_STOP_REASON: dict[str, StopReason] = {
+    "COMPLETED": StopReason.COMPLETED,
+    "FAILED": StopReason.FAILED,
+    "CANCELLED": StopReason.CANCELLED,
+    "TIMEOUT": StopReason.TIMEOUT,
+    "DEADLINE": StopReason.TIMEOUT,
+    "NODE_FAIL": StopReason.NODE_FAIL,
+    "BOOT_FAIL": StopReason.NODE_FAIL,
+    "PREEMPTED": StopReason.PREEMPTED,
+    "REQUEUED": StopReason.PREEMPTED,
+    "OUT_OF_MEMORY": StopReason.FAILED,
 }
 
 
-def stop_reason_for(state: str) -> str | None:
+def stop_reason_for(state: str) -> StopReason | None:
     """Our stop reason for a final (or requeued) SLURM state; None while the job lives."""
     return _STOP_REASON.get(state)
 

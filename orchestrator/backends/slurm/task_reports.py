@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.rundir.runs import AttemptState, StopReason
+
 if TYPE_CHECKING:
     from orchestrator.rundir.runs import RunRecord
 
@@ -164,7 +166,7 @@ def apply_task_exits(
 ) -> None:
     """Name the rank that ended first in each failed attempt (srun's reports, by job id)."""
     for att in rec.attempts:
-        if att.state != "ended" or att.stop_reason != "failed" or not att.job_id:
+        if att.state != AttemptState.ENDED or att.stop_reason != StopReason.FAILED or not att.job_id:
             continue
         if att is not [a for a in rec.attempts if a.job_id == att.job_id][-1]:
             continue  # srun's reports are those of the job's last run
@@ -188,5 +190,9 @@ def worker_errors(events: Sequence[Mapping[str, Any]]) -> dict[str, str]:
 def run_task_exits(rec: RunRecord, run_dir: Path) -> dict[str, list[TaskExit]]:
     """srun's task reports of each job of `rec` that is running or failed (a file read per job,
     usually of an empty file)."""
-    jobs = {a.job_id for a in rec.attempts if a.job_id and (a.state != "ended" or a.stop_reason == "failed")}
+    jobs = {
+        a.job_id
+        for a in rec.attempts
+        if a.job_id and (a.state != AttemptState.ENDED or a.stop_reason == StopReason.FAILED)
+    }
     return {job: reports for job in jobs if (reports := task_exits(run_dir, job))}
