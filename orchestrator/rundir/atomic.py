@@ -2,7 +2,7 @@
 
 Readers of a file written with `atomic_write_text` see the old content or the new, never a part:
 `progress.json`, `checkpoints/latest` and every checkpoint's `manifest.json` are written this way
-(`run.json` has its own writer in `runs.py`, under the run's lock). No torch here: the orchestrator
+and so is `run.json` (by `runs.py`, under the run's lock). No torch here: the orchestrator
 and the worker both use it.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -36,15 +37,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, *, private: bool = False) -> None:
     """Write `text` to `path` so that readers see the old or the new content, never a part.
 
-    The temporary file is `.<name>.tmp-<pid>` next to `path` (created with the umask's mode, as
-    `path` would be); it is removed if the write fails.
+    The temporary file sits next to `path` and is removed if the write fails. It is created with
+    the umask's mode, as `path` would be, or readable by its owner only when `private` (run.json,
+    as it has always been: `tempfile.mkstemp`'s 0600).
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if private:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp, fh = Path(name), os.fdopen(fd, "w")
+    else:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        fh = tmp.open("w")
     try:
-        with tmp.open("w") as fh:
+        with fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())

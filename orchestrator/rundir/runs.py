@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import secrets
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,12 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import RunNotFoundError
+from orchestrator.rundir.atomic import atomic_write_text
 from orchestrator.rundir.checkpoints import checkpoints_dir
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
+
 
 class _Value(str, Enum):
     """A state or reason as run.json spells it: compares equal to, prints as and is written to
@@ -251,20 +252,6 @@ def find_run_with_checkpoints(home: Path, spec: str) -> Path:
 # --- the record on disk ----------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 @contextlib.contextmanager
 def _locked(run_dir: Path) -> Iterator[None]:
     with open(run_dir / f"{RUN_FILE}.lock", "a") as lock:
@@ -283,7 +270,9 @@ def write_run(run_dir: Path, record: RunRecord) -> None:
 
 def _write_unlocked(run_dir: Path, record: RunRecord) -> None:
     record.updated = time.time()
-    _atomic_write(run_dir / RUN_FILE, json.dumps(record.to_dict(), indent=2, sort_keys=False) + "\n")
+    atomic_write_text(
+        run_dir / RUN_FILE, json.dumps(record.to_dict(), indent=2, sort_keys=False) + "\n", private=True
+    )
 
 
 def _read_json(run_dir: Path) -> dict[str, Any]:
