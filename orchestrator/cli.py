@@ -4,7 +4,9 @@ Shared pieces for every command (add new commands below, in the same shape):
 - `ConfigArg`, `SetOption`, `HomeOption`: the common arguments and options;
 - `_run_cli(fn)`: runs the library call and maps a `MoeOrchError` to one red line per issue on
   stderr and the error's exit code (ConfigError: 2), never a traceback for a user's error;
-- `out` / `err`: the rich consoles (stdout for results, stderr for errors and warnings).
+- `out` / `err`: the rich consoles (stdout for results, stderr for errors and warnings);
+- secrets never reach the terminal: error, warning and `_echo` lines and log records go through
+  `orchestrator.redact` (status and logs redact in their library code too).
 
 Nothing heavy is imported here: no torch, deepspeed or transformers, and submitit or matplotlib
 only inside the commands that use them, so `moe-orch --help` starts fast.
@@ -25,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.errors import ConfigError, MoeOrchError
+from orchestrator.redact import RedactingFilter, redact
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +87,12 @@ def _print_error(exc: MoeOrchError) -> None:
     lines = [str(issue) for issue in exc.issues] if isinstance(exc, ConfigError) else str(exc).splitlines()
     for line in lines or [type(exc).__name__]:
         # Text, not markup: a message such as `n[1-4]` must print as written.
-        err.print(Text(f"error: {line}", style="bold red"))
+        err.print(Text(f"error: {redact(line)}", style="bold red"))
 
 
 def _warn(lines: list[str]) -> None:
     for line in lines:
-        err.print(Text(f"warning: {line}", style="yellow"))
+        err.print(Text(f"warning: {redact(line)}", style="yellow"))
 
 
 def _run_cli(fn: Callable[[], T]) -> T:
@@ -242,7 +245,7 @@ RunArg = Annotated[str, typer.Argument(metavar="RUN", help="A run id (or a uniqu
 
 
 def _echo(line: str) -> None:
-    out.print(Text(line))
+    out.print(Text(redact(line)))
 
 
 def _find(home: Path | None, run: str) -> Path:
@@ -447,6 +450,8 @@ def main() -> None:
         level=os.environ.get("MOE_ORCH_LOG_LEVEL", "WARNING").upper(),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
     app()
 
 

@@ -60,6 +60,14 @@ class RunNotFoundError(MoeOrchError):
     exit_code = 2
 
 
+class RunHomeError(MoeOrchError):
+    """The run home cannot hold runs safely: users who are not its owner (or, for a home shared
+    with the group, not in its group) may write to it, it cannot be created, or
+    `MOE_ORCH_HOME_MODE` is neither `owner` nor `group`. Nothing was written."""
+
+    exit_code = 2
+
+
 class AttemptNotFoundError(MoeOrchError):
     """A run has no attempt with the number asked for (`logs --attempt N`)."""
 
@@ -70,6 +78,14 @@ class SubmissionError(MoeOrchError):
     """The scheduler refused the job (sbatch failed); the run records the failure."""
 
     exit_code = 3
+
+
+class PassthroughMissingError(SubmissionError):
+    """A name in `cluster.env_passthrough` would not reach the job: the submitting environment
+    does not set it (or `SBATCH_EXPORT` keeps it from the job). A first `submit` creates nothing;
+    a resubmission records the refusal like any other."""
+
+    exit_code = 2
 
 
 class SchedulerError(MoeOrchError):

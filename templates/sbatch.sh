@@ -21,6 +21,14 @@ set +u
 set -u
 
 {% endif %}
+{% if cfg.cluster.env_passthrough %}
+# cluster.env_passthrough: taken from the environment sbatch runs in (SLURM exports it with the job),
+# never written down; stop here if one is missing.
+{% for name in cfg.cluster.env_passthrough %}
+: "${{ '{' ~ name }}?is not set: export it in the shell that runs sbatch (cluster.env_passthrough)}"
+{% endfor %}
+
+{% endif %}
 {% if exports %}
 {% for key, value in exports %}
 export {{ key }}={{ value | q }}

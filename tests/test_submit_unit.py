@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from orchestrator.cli import app
 from orchestrator.errors import ConfigError, NothingToCancelError, SubmissionError
 from orchestrator.lifecycle import control, submit
-from orchestrator.lifecycle.bundle import redact_env
+from orchestrator.redact import redact_env
 from orchestrator.rundir import runs
 from orchestrator.rundir.runs import RunState
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator.errors import TokenizerError
+from orchestrator.rundir.access import current_umask
 from orchestrator.spec.schema import RunConfig
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, save_dir: Path) -> None:
     """Save into `save_dir` atomically: written beside it, then renamed into place."""
     save_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.tmp-", dir=save_dir.parent))
+    tmp.chmod(0o777 & ~current_umask())  # NOTE: not mkdtemp's 0700: a run shared with the group
     try:
         write_tokenizer(tokenizer, tmp)
         if save_dir.is_dir() and not any(save_dir.iterdir()):

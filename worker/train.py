@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import ExitWithoutProgress, InjectedFault
+from orchestrator.redact import redact
 from orchestrator.rundir.exitcodes import EXIT_COMPLETED
 from orchestrator.rundir.reports import read_progress
 from orchestrator.rundir.runs import StopReason
@@ -90,7 +91,7 @@ def run(cfg: RunConfig, run_dir: str | Path, *, info: DistInfo | None = None) ->
             try:
                 failed.event(
                     "exit", reason=StopReason.FAILED, step=trainer.step if trainer else 0, requeued=False,
-                    error=f"{type(exc).__name__}: {exc}",
+                    error=redact(f"{type(exc).__name__}: {exc}"),  # `status` shows it: no credentials
                 )
             except OSError:
                 logger.exception("could not write the exit event")

@@ -77,6 +77,10 @@ class Backend(Protocol):
     def unhealthy_nodes(self, nodes: Sequence[str]) -> list[str]:
         """Those of `nodes` the scheduler reports down or failing (excluded from the next attempt)."""
 
+    def env_withheld(self, names: Sequence[str], environ: Mapping[str, str]) -> list[str]:
+        """Those of `names` (`cluster.env_passthrough`, all set in `environ`) that a job submitted
+        from `environ` would still not receive (SLURM: an `SBATCH_EXPORT` list without them)."""
+
 
 class RunningJob(Protocol):
     """The side inside the job: what rank 0 asks about the job it runs in when it stops."""

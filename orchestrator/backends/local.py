@@ -148,6 +148,9 @@ class LocalBackend:
     def unhealthy_nodes(self, nodes: Sequence[str]) -> list[str]:
         return []  # this machine is the only node
 
+    def env_withheld(self, names: Sequence[str], environ: Mapping[str, str]) -> list[str]:
+        return []  # submitit's local controller and its tasks inherit the submitting environment
+
 
 # --- inside the job ------------------------------------------------------------------------------
 

@@ -5,8 +5,13 @@
 - `pip-freeze.txt`: the interpreter's packages (`pip freeze` runs once per submit; a resubmit
   copies the first attempt's file, since the interpreter is the same);
 - `run.yaml` and `rendered/`: the resolved config and the files rendered for this attempt;
-- `env.json`: the submitting environment, values of names holding TOKEN, KEY, SECRET or
-  PASSWORD replaced by `<redacted>`.
+- `env.json`: the submitting environment, values of secret-looking names (TOKEN, KEY, SECRET,
+  PASSWORD, ...: `orchestrator.spec.secrets`) and of `cluster.env_passthrough` replaced by
+  `<redacted>`.
+
+A bundle is made to be kept and shared: every file in it goes through `orchestrator.redact` (a
+token in a `cluster.setup` line, a `pip freeze` URL with credentials, a diff). The run's own
+`run.yaml` and `rendered/` stay as the job needs them, protected by the run directory's mode.
 """
 
 from __future__ import annotations
@@ -14,22 +19,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
+from orchestrator.redact import redact, redact_env
+
 logger = logging.getLogger(__name__)
-
-SECRET_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
-REDACTED = "<redacted>"
-
-
-def redact_env(env: Mapping[str, str]) -> dict[str, str]:
-    """A copy of `env` with secret-looking values replaced."""
-    return {k: (REDACTED if SECRET_RE.search(k) else v) for k, v in sorted(env.items())}
 
 
 def _git(args: list[str], cwd: Path) -> str | None:
@@ -85,24 +83,26 @@ def write_bundle(
     config_file: Path | None,
     freeze: str | None,
     env: Mapping[str, str] | None = None,
+    passthrough: Collection[str] = (),
 ) -> Path:
-    """Write `attempts/<number>/`; `freeze` None copies attempt 1's pip-freeze.txt."""
+    """Write `attempts/<number>/`; `freeze` None copies attempt 1's pip-freeze.txt; the values of
+    the `passthrough` names (`cluster.env_passthrough`) are redacted in env.json."""
     out = run_dir / "attempts" / str(number)
     (out / "rendered").mkdir(parents=True, exist_ok=True)
     for name, text in rendered.items():
-        (out / "rendered" / name).write_text(text)
-    shutil.copyfile(run_dir / "run.yaml", out / "run.yaml")
+        (out / "rendered" / name).write_text(redact(text))
+    (out / "run.yaml").write_text(redact((run_dir / "run.yaml").read_text()))
     if freeze is not None:
-        (out / "pip-freeze.txt").write_text(freeze)
+        (out / "pip-freeze.txt").write_text(redact(freeze))
     else:
         first = run_dir / "attempts" / "1" / "pip-freeze.txt"
         if first.is_file() and number != 1:
             shutil.copyfile(first, out / "pip-freeze.txt")
     info = git_info(config_file)
     if info is not None:
-        (out / "git.txt").write_text(info[0])
-        (out / "git.diff").write_text(info[1])
+        (out / "git.txt").write_text(redact(info[0]))
+        (out / "git.diff").write_text(redact(info[1]))
     (out / "env.json").write_text(
-        json.dumps(redact_env(env if env is not None else os.environ), indent=2) + "\n"
+        json.dumps(redact_env(env if env is not None else os.environ, passthrough), indent=2) + "\n"
     )
     return out

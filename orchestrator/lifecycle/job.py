@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 
 from orchestrator.errors import WorkerFailedError
-from orchestrator.rundir import runs
+from orchestrator.rundir import access, runs
 from orchestrator.rundir.exitcodes import EXIT_COMPLETED, EXIT_FAILED, EXIT_STOPPED
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,9 @@ def marker_line(key: str, rank: str) -> str:
 def run_worker(run_yaml: str, run_dir: str, env: Mapping[str, str]) -> int:
     """Run `python -m worker --config run_yaml --run-dir run_dir` in this process."""
     os.environ.update({str(k): str(v) for k, v in env.items()})
+    # What the ranks write (checkpoints/, tb/, logs) is no more open than the run directory, whatever
+    # umask the scheduler started the job with (orchestrator/rundir/access.py).
+    os.umask(access.run_dir_umask(run_dir))
     rank = os.environ.get("SLURM_PROCID") or os.environ.get("SUBMITIT_LOCAL_GLOBALID") or "0"
     line = marker_line(attempt_key(), rank)
     print(line, flush=True)

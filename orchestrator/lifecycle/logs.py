@@ -7,6 +7,9 @@ split: every rank's job function (`orchestrator.lifecycle.job.run_worker`) first
 `logs` cuts each file at those markers and maps `<job_id>.<restart>` to the run record's attempt
 (`attempt_key`). Lines before any marker (submitit's own preamble) belong to the first attempt
 of that job. Resubmissions have new job ids, hence new files.
+
+Every line shown goes through `orchestrator.redact` (a traceback may quote a URL with credentials);
+the files themselves are protected by the run directory's mode.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from orchestrator.errors import AttemptNotFoundError
 from orchestrator.lifecycle.job import ATTEMPT_MARKER
+from orchestrator.redact import redact
 from orchestrator.rundir import runs
 from orchestrator.rundir.runs import RunRecord
 
@@ -121,14 +125,17 @@ def read_logs(
 
 def format_lines(lines: list[LogLine], *, tail: int | None = None) -> list[str]:
     """Prefix `[rank N]` always and `[attempt K]` when several attempts are shown; `tail` keeps
-    the last N lines of every (attempt, rank)."""
+    the last N lines of every (attempt, rank). Secrets are redacted."""
     if tail is not None:
         groups: dict[tuple[int, int], list[LogLine]] = {}
         for ln in lines:
             groups.setdefault((ln.attempt, ln.rank), []).append(ln)
         lines = [ln for key in sorted(groups) for ln in (groups[key][-tail:] if tail > 0 else [])]
     several = len({ln.attempt for ln in lines}) > 1
-    return [(f"[attempt {ln.attempt}] " if several else "") + f"[rank {ln.rank}] {ln.text}" for ln in lines]
+    return [
+        (f"[attempt {ln.attempt}] " if several else "") + f"[rank {ln.rank}] {redact(ln.text)}"
+        for ln in lines
+    ]
 
 
 def _describe_numbers(numbers: list[int]) -> str:
@@ -225,7 +232,7 @@ def follow_logs(
             first = current.get(path, first_of_job.get(job_id, 0))
             n = first
             for n, line in split_attempts(text, job_id, by_key, {job_id: first}):
-                echo(f"[attempt {n}] [rank {r}] {line}")
+                echo(f"[attempt {n}] [rank {r}] {redact(line)}")
             current[path] = n
         if final or (max_s is not None and time.time() - start > max_s):
             return

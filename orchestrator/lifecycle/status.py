@@ -17,6 +17,7 @@ from typing import Any
 
 from orchestrator.backends import Backend, Observation, backend_for
 from orchestrator.lifecycle.reconcile import Budgets, reconcile
+from orchestrator.redact import redact, redact_values
 from orchestrator.rundir import checkpoints, reports, runs
 from orchestrator.rundir.runs import AttemptState, RunRecord, RunState, StopReason
 
@@ -119,8 +120,8 @@ def result_error(run_dir: Path, job_id: str) -> str | None:
             continue
         if isinstance(outcome, tuple) and len(outcome) == 2 and outcome[0] == "error":
             lines = [ln for ln in str(outcome[1]).strip().splitlines() if ln.strip()]
-            if lines:
-                return f"{lines[-1].strip()} (rank {path.name.split('_')[1]})"
+            if lines:  # a traceback's last line may hold a URL with credentials
+                return redact(f"{lines[-1].strip()} (rank {path.name.split('_')[1]})")
     return None
 
 
@@ -206,11 +207,13 @@ def latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
 
 
 def run_detail(view: RunView) -> dict[str, Any]:
-    """`status RUN`: the record plus latest valid checkpoint and progress (also `--json`)."""
+    """`status RUN`: the record plus latest valid checkpoint and progress (also `--json`), every
+    string redacted (an error or state reason may quote a URL with credentials)."""
     data = view.record.to_dict()
     data["progress"] = view.progress
     data["latest_checkpoint"] = latest_checkpoint(view.run_dir)
-    return data
+    detail: dict[str, Any] = redact_values(data)
+    return detail
 
 
 def detail_lines(detail: dict[str, Any]) -> list[str]:

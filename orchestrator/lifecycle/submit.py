@@ -12,16 +12,24 @@ receives are byte for byte those `render` and `--dry-run` show).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.backends import backend_for
-from orchestrator.errors import DataFileError, MoeOrchError, SubmissionError
-from orchestrator.rundir import runs
+from orchestrator.errors import (
+    DataFileError,
+    MoeOrchError,
+    PassthroughMissingError,
+    RunHomeError,
+    SubmissionError,
+)
+from orchestrator.rundir import access, runs
+from orchestrator.rundir.access import HomeMode
 from orchestrator.rundir.runs import Attempt, AttemptState, RunRecord, RunState, StopReason
 
 if TYPE_CHECKING:  # the schema (pydantic models) is not needed by status/cancel
@@ -51,17 +59,48 @@ class SubmissionPlan:
         lines += [f"  {k}: {v!r}" for k, v in sorted(self.parameters.items())]
         lines.append("environment set by the job function:")
         lines += [f"  {k}={v}" for k, v in sorted(self.env.items())]
+        passthrough = self.cfg.cluster.env_passthrough
+        if passthrough:
+            lines.append("environment passed from the submitting shell (names only):")
+            lines += [f"  {name}" for name in passthrough]
         return "\n".join(lines)
 
 
 def job_env(cfg: RunConfig) -> dict[str, str]:
-    """Environment the job function sets before starting the worker (same as sbatch.sh exports)."""
+    """Environment the job function sets before starting the worker (same as sbatch.sh exports).
+
+    It is pickled with the job (`logs/<job>_submitted.pkl`), so it holds `cluster.env` only, never
+    `cluster.env_passthrough`: those reach the ranks through the process environment.
+    """
     env: dict[str, str] = {}
     if cfg.cpu_only:
         env["DS_ACCELERATOR"] = "cpu"
         env["OMP_NUM_THREADS"] = str(cfg.training.num_threads or cfg.cluster.cpus_per_task)
     env.update(cfg.cluster.env)
     return env
+
+
+def check_passthrough(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> None:
+    """Raise PassthroughMissingError when a `cluster.env_passthrough` name would not reach the job
+    submitted from `environ` (default: this process's environment); values are never read out."""
+    from orchestrator.spec.secrets import missing_names
+
+    env = os.environ if environ is None else environ
+    names = cfg.cluster.env_passthrough
+    missing = missing_names(names, env)
+    if missing:
+        listed = ", ".join(missing)
+        raise PassthroughMissingError(
+            f"cluster.env_passthrough names {listed}, which this shell does not set: "
+            f"`export {missing[0]}=...` before submitting, or remove it from cluster.env_passthrough"
+        )
+    withheld = backend_for(cfg.cluster.executor).env_withheld(names, env)
+    if withheld:
+        listed = ", ".join(withheld)
+        raise PassthroughMissingError(
+            f"SBATCH_EXPORT in this shell keeps {listed} (cluster.env_passthrough) from the job: "
+            f"unset SBATCH_EXPORT, or add {listed} to it"
+        )
 
 
 def python_command(cfg: RunConfig) -> str:
@@ -115,24 +154,38 @@ def dry_run(config: str | Path, overrides: list[str], *, home: str | None, echo:
     echo(plan.rendered["sbatch.sh"].rstrip("\n"))
     echo("# --- submitit ---")
     echo(plan.describe())
+    try:
+        check_passthrough(cfg)
+    except PassthroughMissingError as exc:
+        echo(f"# submit would refuse: {exc}")
+    try:
+        access.check_home(runs.runs_home(home), HomeMode.configured())
+    except RunHomeError as exc:
+        echo(f"# submit would refuse: {exc}")
     return plan
 
 
-def create_run(cfg: RunConfig, home: Path, config_file: Path | None) -> tuple[Path, RunRecord]:
+def create_run(
+    cfg: RunConfig, home: Path, config_file: Path | None, *, mode: HomeMode | None = None
+) -> tuple[Path, RunRecord]:
+    """Create a new run directory (run.yaml, logs/, run.json) under `home`, and `home` if it does
+    not exist, readable as `mode` says (default: `MOE_ORCH_HOME_MODE`; rundir/access.py)."""
     from orchestrator.spec.loading import dump_config
 
-    home.mkdir(parents=True, exist_ok=True)
-    while True:
-        run_id = runs.new_run_id(cfg.name)
-        run_dir = home / run_id
-        try:
-            run_dir.mkdir()
-            break
-        except FileExistsError:
-            continue
-    (run_dir / "logs").mkdir()
-    text = dump_config(cfg)
-    (run_dir / "run.yaml").write_text(text)
+    mode = mode or HomeMode.configured()
+    access.make_home(home, mode)
+    with access.umask(access.files_umask(mode.dir_mode)):
+        while True:
+            run_id = runs.new_run_id(cfg.name)
+            run_dir = home / run_id
+            try:
+                access.make_run_dir(run_dir, mode)
+                break
+            except FileExistsError:
+                continue
+        (run_dir / "logs").mkdir()
+        text = dump_config(cfg)
+        (run_dir / "run.yaml").write_text(text)
     c = cfg.cluster
     record = RunRecord(
         run_id=run_id,
@@ -168,9 +221,17 @@ def submit_attempt(run_dir: Path, cfg: RunConfig, *, note: str | None, freeze: s
     plan = plan_submission(cfg, run_dir, exclude=exclude)
     write_rendered(plan.rendered, run_dir / "rendered")
     config_file = Path(rec.config_source) if rec.config_source else None
-    write_bundle(run_dir, number, rendered=plan.rendered, config_file=config_file, freeze=freeze)
+    write_bundle(
+        run_dir,
+        number,
+        rendered=plan.rendered,
+        config_file=config_file,
+        freeze=freeze,
+        passthrough=plan.cfg.cluster.env_passthrough,
+    )
     submitted = time.time()
     try:
+        check_passthrough(plan.cfg)  # a resubmission from another shell: recorded as refused
         executor = backend_for(plan.executor).make_executor(
             plan.run_dir / "logs", plan.parameters, python=plan.python, sbatch_lines=plan.sbatch_lines
         )
@@ -232,13 +293,17 @@ def submit(
     from orchestrator.lifecycle.bundle import pip_freeze
 
     cfg, config_file = _load_and_check(config, overrides)
+    check_passthrough(cfg)  # before anything exists, like a config error
     root = runs.runs_home(home)
+    mode = HomeMode.configured()
+    access.check_home(root, mode)  # others could swap the run directory, and what its job runs
     # Render once before anything exists: a value SLURM cannot take (ConfigError) creates nothing.
     plan_submission(cfg, root / runs.new_run_id(cfg.name))
-    run_dir, _ = create_run(cfg, root, config_file)
+    run_dir, _ = create_run(cfg, root, config_file, mode=mode)
     echo(run_dir.name)
     freeze = pip_freeze(cfg.cluster.python)
-    attempt = submit_attempt(run_dir, cfg, note="first submission", freeze=freeze)
+    with access.umask(access.run_dir_umask(run_dir)):  # the job's files, and the job's own umask
+        attempt = submit_attempt(run_dir, cfg, note="first submission", freeze=freeze)
     logger.info("run %s: job %s", run_dir.name, attempt.job_id)
     return run_dir
 
@@ -254,4 +319,5 @@ def resubmit(run_dir: Path, *, note: str) -> Attempt:
     if rec.state == RunState.CANCELLED or rec.cancel_requested:
         raise SubmissionError(f"run {rec.run_id} was cancelled; a cancelled run never comes back")
     cfg = load_resolved(run_dir / "run.yaml")
-    return submit_attempt(run_dir, cfg, note=note, freeze=None)
+    with access.umask(access.run_dir_umask(run_dir)):
+        return submit_attempt(run_dir, cfg, note=note, freeze=None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +21,14 @@ import yaml
 
 from orchestrator.backends import backend_for
 from orchestrator.errors import DataFileError
-from orchestrator.rundir import reports
+from orchestrator.rundir import access, reports
+from orchestrator.rundir.access import HomeMode
+from orchestrator.rundir.runs import runs_home
 from orchestrator.spec.estimate import MemoryEstimate, ParamCounts, architecture, estimate_memory
 from orchestrator.spec.loading import load_config
 from orchestrator.spec.qa_format import check_data_files
 from orchestrator.spec.schema import RunConfig
+from orchestrator.spec.secrets import missing_names
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,7 @@ class Summary:
     memory: MemoryEstimate | None
     gpu_mem_gb: float | None
     warnings: list[str] = field(default_factory=list)
+    env_passthrough: list[str] = field(default_factory=list)  # names only, never values
 
 
 def _warn_unknown_architecture(cfg: RunConfig) -> list[str]:
@@ -84,6 +89,16 @@ def _warn_memory_tight(cfg: RunConfig) -> list[str]:
     ]
 
 
+def _warn_passthrough_unset(cfg: RunConfig) -> list[str]:
+    missing = missing_names(cfg.cluster.env_passthrough, os.environ)
+    if not missing:
+        return []
+    return [
+        f"cluster.env_passthrough: {', '.join(missing)} not set in this shell; `submit` refuses "
+        f"until it is exported (`export {missing[0]}=...`)"
+    ]
+
+
 def _warn_scheduler(cfg: RunConfig) -> list[str]:
     """The backend's own advice (SLURM: signal_delay_s against time_min, no partition)."""
     return backend_for(cfg.cluster.executor).config_warnings(cfg)
@@ -93,6 +108,7 @@ WARNING_CHECKS: list[WarningCheck] = [
     _warn_unknown_architecture,
     _warn_gpu_mem_unset,
     _warn_memory_tight,
+    _warn_passthrough_unset,
     _warn_scheduler,
 ]
 """Advice that does not stop a run. Append a check here (e.g. signal_delay_s against a measured
@@ -246,6 +262,7 @@ def summarize(cfg: RunConfig, warnings: list[str] | None = None) -> Summary:
         memory=estimate,
         gpu_mem_gb=cfg.cluster.gpu_mem_gb,
         warnings=list(warnings or []),
+        env_passthrough=list(cfg.cluster.env_passthrough),
     )
 
 
@@ -272,8 +289,11 @@ def validate_file(
     run_dir: Path | None = None,
 ) -> Summary:
     """`moe-orch validate CONFIG --set ... [--home DIR | --run RUN]`: load (a path or a shipped
-    config's name) and validate; with `home`/`run_dir`, also against measured save times."""
+    config's name) and validate; with `home`/`run_dir`, also against measured save times. The run
+    home `submit` would use (`home`, else $MOE_ORCH_HOME, else ./runs) must be safe
+    (RunHomeError: rundir/access.py)."""
     cfg = load_config(spec, list(overrides))
+    access.check_home(runs_home(home), HomeMode.configured())
     return validate(cfg, check_data=check_data, history=history_runs(cfg, home=home, run_dir=run_dir))
 
 
@@ -331,6 +351,8 @@ def summary_rows(s: Summary) -> list[tuple[str, str]]:
         ("tokens per step", f"{human_count(s.tokens_per_step)} (at most: every sequence at max_seq_length)"),
         ("precision / ZeRO", f"{s.precision}, stage {s.zero_stage}"),
     ]
+    if s.env_passthrough:
+        rows.append(("env passthrough", ", ".join(s.env_passthrough)))  # names only, never values
     if s.params is not None:
         p = s.params
         rows += [

@@ -259,7 +259,10 @@ def write_rendered(files: dict[str, str], out_dir: Path) -> dict[str, Path]:
             tmp = path.with_name(f".{name}.tmp")
             tmp.write_text(text)
             if name.endswith(".sh"):
-                tmp.chmod(0o755)
+                # Executable by whoever may read it (`chmod +x`): 0755 under umask 022, 0700 in
+                # a run directory, whose files `submit` creates owner-only (rundir/access.py).
+                mode = tmp.stat().st_mode & 0o777
+                tmp.chmod(mode | (mode & 0o444) >> 2)
             tmp.replace(path)
             paths[name] = path
     except OSError as exc:

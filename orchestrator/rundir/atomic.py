@@ -13,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from orchestrator.rundir.access import private_file_mode
+
 
 def fsync_file(path: Path) -> None:
     """Flush a file that someone else wrote (e.g. DeepSpeed's checkpoint files) to disk."""
@@ -42,7 +44,8 @@ def atomic_write_text(path: Path, text: str, *, private: bool = False) -> None:
 
     The temporary file sits next to `path` and is removed if the write fails. It is created with
     the umask's mode, as `path` would be, or readable by its owner only when `private` (run.json,
-    as it has always been: `tempfile.mkstemp`'s 0600).
+    as it has always been: `tempfile.mkstemp`'s 0600), and by the group of a run directory shared
+    with it (`access.private_file_mode`: 0640).
     """
     if private:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -52,6 +55,8 @@ def atomic_write_text(path: Path, text: str, *, private: bool = False) -> None:
         fh = tmp.open("w")
     try:
         with fh:
+            if private:
+                os.fchmod(fh.fileno(), private_file_mode(path.parent))
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())

@@ -22,8 +22,22 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from orchestrator.spec.secrets import looks_secret, not_exported, secret_word
+
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _env_name(value: str) -> str:
+    if not ENV_NAME_RE.match(value):
+        raise ValueError(f"environment variable name {value!r} is not valid: use letters, digits and _")
+    return value
+
+
+EnvName = Annotated[
+    str, AfterValidator(_env_name), WithJsonSchema({"type": "string", "pattern": ENV_NAME_RE.pattern})
+]
+"""The name of an environment variable (letters, digits and `_`, not starting with a digit)."""
 
 
 def _fail(loc_hint: str, message: str) -> PydanticCustomError:
@@ -121,7 +135,22 @@ class ClusterConfig(_Section):
     They are written verbatim into sbatch.sh: they are the one place where shell is intended."""
 
     env: dict[str, str] = Field(default_factory=dict)
-    """Extra environment variables for every rank. Values are quoted; they never run as shell."""
+    """Extra environment variables for every rank. Values are quoted; they never run as shell.
+    They are written into run.yaml and sbatch.sh, so a key that looks secret (TOKEN, KEY, SECRET,
+    PASSWORD, CREDENTIAL, AUTH, PRIVATE, ... in its name) is refused: pass it by name with
+    `env_passthrough`, or list it in `env_not_secret` if its value is not secret."""
+
+    env_passthrough: list[EnvName] = Field(default_factory=list)
+    """Names of environment variables every rank takes from the shell that runs `submit`, for
+    secrets (e.g. `[HF_TOKEN, WANDB_API_KEY]`): only the names are written down, never the values.
+    SLURM exports the submitting environment with the job (sbatch's default `--export=ALL`; an
+    `--export` list in `sbatch_extra` or `SBATCH_EXPORT` must include them) and the local executor's
+    processes inherit it. `submit` (and a resubmission) refuses to run while one is not set in its
+    environment; `validate` warns."""
+
+    env_not_secret: list[EnvName] = Field(default_factory=list)
+    """Keys of `env` whose names look secret but whose values are not (e.g. `[NCCL_IB_PKEY]`, an
+    InfiniBand partition key): they may keep a literal value in the config."""
 
     python: UnsetOrNonBlankStr = None
     """Python interpreter on the compute nodes; unset (not "") means the interpreter running
@@ -147,11 +176,64 @@ class ClusterConfig(_Section):
     @classmethod
     def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
-            if not ENV_NAME_RE.match(key):
-                raise ValueError(
-                    f"environment variable name {key!r} is not valid: use letters, digits and _"
-                )
+            _env_name(key)
         return value
+
+    @model_validator(mode="after")
+    def _no_literal_secrets(self) -> ClusterConfig:
+        """A secret-looking key of `env` is refused (its value would be written in plaintext under
+        the run home and into the submitted job), unless `env_not_secret` lists it."""
+        both = [name for name in self.env_passthrough if name in self.env]
+        if both:
+            raise _fail(
+                f"cluster.env.{both[0]}",
+                f"{both[0]} is also in cluster.env_passthrough; a variable comes either from the "
+                "config or from the submitting shell: remove one of the two",
+            )
+        stale = [name for name in self.env_not_secret if name not in self.env]
+        if stale:
+            raise _fail(
+                "cluster.env_not_secret",
+                f"names {', '.join(stale)}, which cluster.env does not set; remove "
+                f"{'it' if len(stale) == 1 else 'them'} from the list",
+            )
+        secret = [k for k in self.env if looks_secret(k) and k not in self.env_not_secret]
+        if secret:
+            names = ", ".join(secret)
+            what = (
+                f"looks like a secret (its name holds {secret_word(secret[0])})"
+                if len(secret) == 1
+                else f"{names} look like secrets"
+            )
+            # NOTE: the message names keys only; a value must never reach an error line or a log.
+            raise _fail(
+                f"cluster.env.{secret[0]}",
+                f"{what}: a value here is written in plaintext into run.yaml, sbatch.sh and the "
+                f"submitted job; move it to cluster.env_passthrough: [{names}] and "
+                f"`export {secret[0]}=...` in the shell that runs submit, or, if the value is not "
+                f"secret, list it in cluster.env_not_secret: [{names}]",
+            )
+        export = self.sbatch_extra.get("export")
+        if export is None:
+            return self
+        assigned = [item.split("=", 1)[0].strip() for item in export.split(",") if "=" in item]
+        secret = [name for name in assigned if looks_secret(name)]
+        if secret:
+            raise _fail(
+                "cluster.sbatch_extra.export",
+                f"sets {', '.join(secret)} (a secret-looking name) to a literal value; name it in "
+                "cluster.env_passthrough instead and export it in the shell that runs submit (a value "
+                "that is not secret goes in cluster.env and cluster.env_not_secret)",
+            )
+        blocked = not_exported(export, self.env_passthrough)
+        if blocked:
+            # NOTE: not the option's value, which may hold NAME=value pairs.
+            raise _fail(
+                "cluster.sbatch_extra.export",
+                f"does not pass {', '.join(blocked)} (cluster.env_passthrough) to the job; use ALL "
+                f"(SLURM's default: leave export out) or add {', '.join(blocked)} to the list",
+            )
+        return self
 
     @field_validator("sbatch_extra")
     @classmethod

@@ -24,6 +24,7 @@ from orchestrator.backends.slurm.attempts import apply_scheduler
 from orchestrator.backends.slurm.task_reports import TaskExit, apply_task_exits, run_task_exits, worker_errors
 from orchestrator.errors import SchedulerError, SubmissionError
 from orchestrator.rundir.runs import AttemptState, RunState
+from orchestrator.spec.secrets import not_exported
 
 if TYPE_CHECKING:
     from orchestrator.backends.base import Observation
@@ -200,3 +201,10 @@ class SlurmBackend:
 
     def unhealthy_nodes(self, nodes: Sequence[str]) -> list[str]:
         return scheduler.unhealthy_nodes(nodes)
+
+    def env_withheld(self, names: Sequence[str], environ: Mapping[str, str]) -> list[str]:
+        # NOTE: sbatch exports the submitting environment (`--export=ALL`) unless told otherwise;
+        # SBATCH_EXPORT in that environment overrides the script's `#SBATCH --export` (which the
+        # schema checks against the names).
+        export = environ.get("SBATCH_EXPORT")
+        return not_exported(export, names) if export is not None else []
