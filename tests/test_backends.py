@@ -69,7 +69,7 @@ def test_an_unknown_executor_names_the_valid_ones() -> None:
 
 
 def test_lifecycle_code_never_branches_on_the_executor() -> None:
-    # STYLE.md: an `if executor == "slurm"` in lifecycle code is a missing method on the backend.
+    # docs/design.md (Layering): lifecycle code has no executor branches; each is a backend method.
     branch = re.compile(r"executor\s*[!=]=|[!=]=\s*[\"'](slurm|local)[\"']")
     files = [*sorted((REPO / "orchestrator" / "lifecycle").glob("*.py")), REPO / "orchestrator" / "cli.py"]
     found = [
