@@ -202,13 +202,18 @@ def test_a_job_of_the_urgent_partition_preempts_the_run_which_resumes_after_it(t
     assert slurm_epoch(urgent_row["End"]) <= second_start + 1, "the run resumed after the urgent job"
 
 
+TIME_LIMIT_STEPS = 1500
+
+
 def test_the_time_limit_signal_saves_requeues_as_timeout_and_the_run_completes(tmp_path: Path) -> None:
-    # --time=1 with USR2@20: slurmctld checks limits every ~30 s, so USR2 comes 10-40 s into the job,
-    # after the worker installed its handlers (a USR2 before the first step stops at step 1) and
-    # before 700 steps are done (~15-20 steps/s after ~8-14 s of start-up).
+    # --time=1 with USR2@20: slurmctld checks limits every ~30 s and signals once now + 30 + 20 >=
+    # the end, so USR2 comes 10-40 s into the job, after the worker installed its handlers (a USR2
+    # before the first step stops at step 1) and before 1,500 steps are done: ~15-20 steps/s after
+    # ~8-14 s of start-up under the suite's load, and at most ~40 steps/s on an idle machine (700
+    # steps, as before, once finished first there, at ~35 s).
     run_id, run_dir = submit(
-        tmp_path, "training.max_steps=700", "training.save_steps=500", "training.eval_steps=500",
-        "cluster.time_min=1", "cluster.signal_delay_s=20",
+        tmp_path, f"training.max_steps={TIME_LIMIT_STEPS}", "training.save_steps=1000",
+        "training.eval_steps=1000", "cluster.time_min=1", "cluster.signal_delay_s=20",
     )  # fmt: skip
     job = _job(run_dir)
     stop = wait_for("the exit event of the first attempt", lambda: events(run_dir, "exit"), 90)[0]
@@ -217,10 +222,10 @@ def test_the_time_limit_signal_saves_requeues_as_timeout_and_the_run_completes(t
     # need one longer attempt to keep this test short.
     scontrol("update", f"JobId={job}", "TimeLimit=10")
 
-    record = wait_final(run_id, tmp_path, timeout=180)
+    record = wait_final(run_id, tmp_path, timeout=300)
     _assert_resumed_without_loss(record, "timeout")
     assert [e["signal"] for e in events(run_dir, "signal")] == ["USR2"]
-    assert [s for s, _ in train_losses(run_dir)] == list(range(1, 701))
+    assert [s for s, _ in train_losses(run_dir)] == list(range(1, TIME_LIMIT_STEPS + 1))
 
 
 def test_kill_9_during_a_save_leaves_a_partial_checkpoint_that_the_next_attempt_skips(tmp_path: Path) -> None:
