@@ -74,6 +74,12 @@ class AttemptNotFoundError(MoeOrchError):
     exit_code = 2
 
 
+class RankNotFoundError(MoeOrchError):
+    """A run has no rank with the number asked for (`logs --rank N`)."""
+
+    exit_code = 2
+
+
 class SubmissionError(MoeOrchError):
     """The scheduler refused the job (sbatch failed); the run records the failure."""
 

@@ -184,6 +184,21 @@ def test_logs_of_an_attempt_that_does_not_exist_names_the_attempts_and_exits_2(t
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("source", ["start event", "run.yaml"])
+def test_logs_of_a_rank_that_does_not_exist_names_the_ranks_and_exits_2(tmp_path: Path, source: str) -> None:
+    run_id = write_run_with_attempts(tmp_path, [Attempt(number=1, job_id="5", attempt_key="5.0")])
+    run_dir = tmp_path / run_id
+    if source == "start event":
+        (run_dir / "events.jsonl").write_text('{"event": "start", "time": 1.0, "world_size": 2}\n')
+    else:
+        (run_dir / "run.yaml").write_text((REPO / "configs" / "tiny-slurm.yaml").read_text())  # 2 x 1 ranks
+    result = runner.invoke(app, ["logs", run_id, "--rank", "2", "--home", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    expected = f"error: run {run_id} has ranks 0..1 (world size 2); no rank 2"
+    assert result.stderr.strip().splitlines() == [expected]
+    assert runner.invoke(app, ["logs", run_id, "--rank", "1", "--home", str(tmp_path)]).exit_code == 0
+
+
 def test_logs_of_a_run_that_has_no_attempt_yet_says_so(tmp_path: Path) -> None:
     run_id = write_run_with_attempts(tmp_path, [])
     result = runner.invoke(app, ["logs", run_id, "--attempt", "1", "--home", str(tmp_path)])

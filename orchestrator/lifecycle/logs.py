@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.errors import AttemptNotFoundError
+from orchestrator.errors import AttemptNotFoundError, MoeOrchError, RankNotFoundError
 from orchestrator.lifecycle.job import ATTEMPT_MARKER
 from orchestrator.redact import redact
-from orchestrator.rundir import runs
+from orchestrator.rundir import reports, runs
 from orchestrator.rundir.runs import RunRecord
 
 logger = logging.getLogger(__name__)
@@ -159,6 +159,30 @@ def check_attempt(rec: RunRecord, attempt: int) -> None:
     )
 
 
+def world_size(run_dir: Path) -> int | None:
+    """How many ranks the run's job has: the newest `start` event says, else run.yaml; None when
+    neither can tell (nothing to check a rank against)."""
+    events = reports.read_events(run_dir)
+    sizes = [ev["world_size"] for ev in events if ev["event"] == "start" and "world_size" in ev]
+    if sizes:
+        return int(sizes[-1])
+    from orchestrator.spec.loading import load_resolved
+
+    try:
+        return load_resolved(run_dir / "run.yaml").world_size
+    except MoeOrchError:
+        return None
+
+
+def check_rank(rec: RunRecord, run_dir: Path, rank: int) -> None:
+    """Raise RankNotFoundError, naming the ranks the run has, unless `rank` is one of them."""
+    world = world_size(run_dir)
+    if world is None or 0 <= rank < world:
+        return
+    ranks = "rank 0" if world == 1 else f"ranks 0..{world - 1}"
+    raise RankNotFoundError(f"run {rec.run_id} has {ranks} (world size {world}); no rank {rank}")
+
+
 def show_logs(
     run_dir: Path,
     *,
@@ -168,11 +192,13 @@ def show_logs(
     tail: int | None,
     echo: Echo,
 ) -> int:
-    """Print the run's log lines (`echo`); return how many. An `attempt` the run does not have
-    raises AttemptNotFoundError."""
+    """Print the run's log lines (`echo`); return how many. An `attempt` or `rank` the run does not
+    have raises AttemptNotFoundError or RankNotFoundError."""
     rec = runs.read_run(run_dir)
     if attempt is not None:
         check_attempt(rec, attempt)
+    if rank is not None:
+        check_rank(rec, run_dir, rank)
     lines = format_lines(read_logs(run_dir, rec, rank=rank, attempt=attempt, stderr=stderr), tail=tail)
     for line in lines:
         echo(line)
