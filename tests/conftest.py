@@ -12,7 +12,8 @@ the modules that a `-m` expression cannot select without importing them: `-m uni
 torch. A collected test without a group is a collection error.
 
 Without the worker extra, `worker` and `cluster` tests are skipped with the reason; a module whose
-tests all need the extra is not even imported (its imports would fail).
+tests all need the extra is not even imported (its imports would fail). `cluster` tests are also
+skipped when the localhost SLURM does not answer `scontrol ping` (asked once per session).
 
 `slow` (launches real ranks or jobs; minutes) is orthogonal: `-m "unit"`, `-m "worker and not slow"`.
 Shared constants and helpers (REPO, free_port, ...) live in tests/helpers.py, imported as `helpers`.
@@ -20,6 +21,7 @@ Shared constants and helpers (REPO, free_port, ...) live in tests/helpers.py, im
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import re
@@ -93,6 +95,16 @@ TESTS: dict[str, str] = {
 
 WORKER_EXTRA = importlib.util.find_spec("deepspeed") is not None
 NO_WORKER_EXTRA = "needs the worker extra (DeepSpeed is not installed): pip install -e '.[worker]'"
+NO_CLUSTER = "localhost SLURM is not up (tools/slurm-local/start.sh)"
+
+
+@functools.cache
+def cluster_answers() -> bool:
+    """Whether the localhost SLURM answers `scontrol ping`: asked once, and only when a `cluster`
+    test was collected."""
+    from helpers import cluster_up
+
+    return cluster_up()
 
 
 def _module_key(path: Path) -> str | None:
@@ -196,6 +208,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(group)
         if group in ("worker", "cluster") and not WORKER_EXTRA:
             item.add_marker(pytest.mark.skip(reason=NO_WORKER_EXTRA))
+        elif group == "cluster" and not cluster_answers():
+            item.add_marker(pytest.mark.skip(reason=NO_CLUSTER))
     modules = {_module_key(item.path): getattr(item, "module", None) for item in items}
     for name in TESTS:
         key, function = name.split("::")

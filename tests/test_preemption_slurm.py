@@ -25,7 +25,6 @@ from typing import Any
 import pytest
 from helpers import (
     checkpoint_tensors,
-    cluster_up,
     events,
     job_field,
     moe_orch,
@@ -48,10 +47,7 @@ from helpers import (
     watch_until_final,
 )
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not cluster_up(), reason="localhost SLURM is not up (tools/slurm-local/start.sh)"),
-]
+pytestmark = pytest.mark.slow  # the localhost SLURM: skipped when it is down (tests/conftest.py)
 
 # A run long enough to be interrupted mid-way (tiny-slurm does ~10-20 steps/s on this machine).
 LONG = (

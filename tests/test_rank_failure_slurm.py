@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from helpers import (
-    cluster_up,
     events,
     moe_orch,
     run_json,
@@ -28,10 +27,7 @@ from helpers import (
     wait_step,
 )
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not cluster_up(), reason="localhost SLURM is not up (tools/slurm-local/start.sh)"),
-]
+pytestmark = pytest.mark.slow  # the localhost SLURM: skipped when it is down (tests/conftest.py)
 
 
 LONG = ("training.max_steps=300", "training.save_steps=100", "cluster.time_min=60")

@@ -4,9 +4,7 @@ as intended, and the rendered sbatch.sh, submitted by hand, trains the tiny MoE 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -17,16 +15,6 @@ import pytest
 from orchestrator.render.files import render_to_dir
 from orchestrator.rundir.reports import read_events
 from orchestrator.spec.loading import load_config
-
-
-def slurm_up() -> bool:
-    if not os.environ.get("SLURM_CONF") or shutil.which("scontrol") is None:
-        return False
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
-    return ping.returncode == 0 and "UP" in ping.stdout
-
-
-requires_slurm = pytest.mark.skipif(not slurm_up(), reason="no localhost SLURM (tools/slurm-local/start.sh)")
 
 
 def job_fields(job_id: str) -> dict[str, str]:
@@ -45,7 +33,6 @@ def job_fields(job_id: str) -> dict[str, str]:
     return fields
 
 
-@requires_slurm
 def test_slurm_reads_escaped_sbatch_values_back_verbatim(tmp_path: Path) -> None:
     comment = 'it\'s "quoted" #not-a-comment $(touch pwned)'
     cfg = load_config("tiny-slurm", [f"cluster.sbatch_extra={{comment: {json.dumps(comment)}}}"])
@@ -70,7 +57,6 @@ def test_slurm_reads_escaped_sbatch_values_back_verbatim(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-@requires_slurm
 def test_rendered_sbatch_script_submitted_by_hand_trains_on_two_nodes(tmp_path: Path) -> None:
     cfg = load_config(
         "tiny-slurm", ["training.max_steps=4", "training.save_steps=2", "training.eval_steps=null"]

@@ -12,12 +12,9 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from helpers import cluster_up, moe_orch, rank_pid, status_json, wait_final, wait_for
+from helpers import moe_orch, rank_pid, status_json, wait_final, wait_for
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not cluster_up(), reason="localhost SLURM is not up (tools/slurm-local/start.sh)"),
-]
+pytestmark = pytest.mark.slow  # the localhost SLURM: skipped when it is down (tests/conftest.py)
 
 PASSED = "MOE_ORCH_TEST_PASSTHROUGH"  # named in cluster.env_passthrough (no secret-looking word)
 SHELL_ONLY = "MOE_ORCH_TEST_SHELL_TOKEN"  # only in the submitting shell's environment

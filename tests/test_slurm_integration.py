@@ -13,12 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import cluster_up, events, moe_orch, status_json, wait_for, wait_step
+from helpers import events, moe_orch, status_json, wait_for, wait_step
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not cluster_up(), reason="localhost SLURM is not up (tools/slurm-local/start.sh)"),
-]
+pytestmark = pytest.mark.slow  # the localhost SLURM: skipped when it is down (tests/conftest.py)
 
 Run = tuple[Path, str, subprocess.CompletedProcess[str]]  # home, run id, the `submit --wait` result
 
