@@ -130,6 +130,30 @@ class ClusterConfig(_Section):
     """Consecutive attempts that end without a new optimizer step before the run stops as a
     crash loop."""
 
+    stall_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    """Seconds without training progress after which a rank's watchdog declares the attempt hung:
+    it writes every thread's stack to `attempts/<n>/stacks/`, records a `hang` event naming the
+    stale ranks, and ends the attempt (stop reason `hung`) so that it is requeued and resumes from
+    the latest valid checkpoint. Unset derives it while training: the larger of 300 s and 10x the
+    slowest step or checkpoint save measured so far (before the first step: 1,800 s, which covers
+    model loading). `watch` applies the same limit to heartbeats from outside the job."""
+
+    max_hangs: Annotated[int, Field(ge=0)] = 2
+    """How many hung attempts are requeued before the run stops as failed (their own budget,
+    apart from `max_failures`)."""
+
+    heartbeat_s: Annotated[float, Field(gt=0)] = 10.0
+    """How often each rank rewrites its heartbeat file (`heartbeats/rank-<r>.json`: step, phase,
+    time of last progress, host, pid)."""
+
+    straggler_factor: Annotated[float, Field(gt=1)] = 1.5
+    """A rank whose compute time per step exceeds this factor times the median rank's (over the
+    last 50 steps) is flagged as a straggler in `status` and in a `straggler` event."""
+
+    exclude_stragglers: bool = False
+    """Put the node of a rank flagged as a straggler in the next attempt's `--exclude`, when the
+    cluster has enough other nodes for the job."""
+
     setup: list[str] = Field(default_factory=list)
     """Shell lines run on every node before the worker starts (module loads, venv activation).
     They are written verbatim into sbatch.sh: they are the one place where shell is intended."""
