@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# The GPU benchmark, prepared for one H200 machine with NO network, at most 8 minutes:
-# bf16 training of a ~0.9B-parameter MoE (8 experts, top-2, ep_size 1) with our dropless layer and
-# with the stock DeepSpeed MoE layer, against its dense parent: tokens/s and MFU (989 TFLOP/s).
+# The GPU check and benchmark, prepared for one H200 machine with NO network, at most 8 minutes:
+# 1. the GPU tests (`pytest -m gpu`, tests/test_gpu.py, 200 s cap): bf16 training of the tiny MoE
+#    over NCCL, one rank per GPU, its checkpoints, a bitwise resume and the Hugging Face export;
+# 2. the benchmark: bf16 training of a ~0.9B-parameter MoE (8 experts, top-2, ep_size 1) with our
+#    dropless layer and with the stock DeepSpeed MoE layer, against its dense parent: tokens/s and
+#    MFU (989 TFLOP/s), each variant in its own process (80 s cap each).
 #
 #   bash bench/gpu_wheels.sh     # here, beforehand: bench/wheels/*.whl (deepspeed, submitit, ...)
 #   bash bench/gpu.sh            # there, from the repository root (the wheels travel with it)
-#   bash bench/gpu.sh --dry      # here: the same steps on CPU with a tiny shape (no install)
+#   bash bench/gpu.sh --tests    # there: the GPU tests only
+#   bash bench/gpu.sh --dry      # here: the benchmark's steps on CPU with a tiny shape (no install)
 #
-# Installs the wheels with --no-index --no-deps into a private folder (the image's packages are
-# left alone), checks the imports, runs `python -m bench.gpu_train` (each variant in its own process,
-# 150 s cap each), and copies bench/results/<date>-gpu-train.{json,md} to $OUT when it is set.
+# Installs the wheels with --no-index --no-deps into a private folder (the image's packages, pytest
+# among them, are left alone), checks the imports, runs the tests (log: $OUT/gpu-tests.log) and
+# `python -m bench.gpu_train`, and copies bench/results/<date>-gpu-train.{json,md} to $OUT when set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
 DRY=0
+TESTS_ONLY=0
 [ "${1:-}" = "--dry" ] && DRY=1
+[ "${1:-}" = "--tests" ] && TESTS_ONLY=1
 
 if [ "$DRY" = 1 ]; then
     PY=${PY:-.venv/bin/python}
@@ -50,8 +56,15 @@ import orchestrator.spec.schema, worker.model, worker.moe_dropless  # noqa: E401
 print("imports ok")
 EOF
 
-echo "== $(date -u +%FT%TZ) training (dense, stock, dropless)"
+echo "== $(date -u +%FT%TZ) GPU tests (pytest -m gpu)"
 rc=0
-"$PY" -m bench.gpu_train --timeout 150 ${OUT:+--out "$OUT"} || rc=$?
+LOG=${OUT:-/tmp}/gpu-tests.log
+# NOTE: DS_ACCELERATOR must not say cpu here; -p no:cacheprovider writes nothing into the tree.
+env -u DS_ACCELERATOR PYTHONUNBUFFERED=1 timeout 200 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider \
+    tests/test_gpu.py 2>&1 | tee "$LOG" || rc=$?
+[ "$TESTS_ONLY" = 1 ] && { echo "== done in $(( $(date +%s) - START )) s (rc $rc)"; exit $rc; }
+
+echo "== $(date -u +%FT%TZ) training (dense, stock, dropless)"
+"$PY" -m bench.gpu_train --timeout 80 ${OUT:+--out "$OUT"} || rc=$?
 echo "== done in $(( $(date +%s) - START )) s (rc $rc)"
 exit $rc

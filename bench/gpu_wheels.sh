@@ -4,8 +4,9 @@
 #   bash bench/gpu_wheels.sh          # -> bench/wheels/*.whl (not committed: see bench/README.md)
 #
 # The device image has torch, transformers, tokenizers, safetensors, typer, rich, jinja2, pyyaml,
-# numpy, psutil, py-cpuinfo, msgpack, ninja, einops, nvidia-ml-py, cloudpickle
-# (the device image's package list) but not: deepspeed, submitit, this package, pydantic (+ its
+# numpy, psutil, py-cpuinfo, msgpack, ninja, einops, nvidia-ml-py, cloudpickle, pytest and
+# tensorboard (the device image's package list; the GPU tests need nothing more) but not:
+# deepspeed, submitit, this package, pydantic (+ its
 # compiled core, annotated-types, typing-inspection) and hjson (a deepspeed dependency);
 # typing-extensions is carried too, as the image's may be older than pydantic needs.
 # Pure-Python wheels are built from the versions in this venv; pydantic-core is the only compiled

@@ -53,6 +53,7 @@ BENCHES = (
     Bench("checkpoint", "checkpoint"),
     Bench("resume", "resume"),
     Bench("preemption", "preemption", needs_slurm=True),
+    Bench("heartbeat", "heartbeat"),
 )
 NAMES = [b.name for b in BENCHES]
 

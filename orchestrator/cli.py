@@ -405,12 +405,47 @@ def watch(
     _run_cli(lambda: watch_runs(home_dir(home), runs or [], interval=interval, once=once, echo=_echo))
 
 
+NodesOption = Annotated[
+    int | None, typer.Option("--nodes", min=1, help="Continue on this many nodes.", show_default=False)
+]
+TasksOption = Annotated[
+    int | None,
+    typer.Option("--tasks-per-node", min=1, help="Ranks per node (default: the run's).", show_default=False),
+]
+EpOption = Annotated[
+    int | None,
+    typer.Option("--ep-size", min=1, help="Expert-parallel size (default: the run's).", show_default=False),
+]
+
+
 @app.command()
-def resume(run: RunArg, home: HomeOption = None) -> None:
-    """Resubmit a stopped or failed run once (new job, same run; resumes from its checkpoint)."""
+def resume(
+    run: RunArg,
+    nodes: NodesOption = None,
+    tasks_per_node: TasksOption = None,
+    ep_size: EpOption = None,
+    home: HomeOption = None,
+) -> None:
+    """Resubmit a stopped or failed run once (new job, same run; resumes from its checkpoint).
+
+    With --nodes (--tasks-per-node, --ep-size) it continues at that topology: same global batch,
+    adapted accumulation; the worker reshards the checkpoint when it starts."""
     from orchestrator.lifecycle.watch import resume as resume_run
 
-    rec = _run_cli(lambda: resume_run(_find(home, run)))
+    run_dir = _find(home, run)
+    if nodes is not None or tasks_per_node is not None or ep_size is not None:
+        from orchestrator.lifecycle.reshard import retarget_run
+        from orchestrator.spec.loading import load_resolved
+
+        def go() -> list[str]:
+            cluster = load_resolved(run_dir / "run.yaml").cluster
+            return retarget_run(
+                run_dir, nodes=nodes or cluster.nodes, tasks_per_node=tasks_per_node, ep_size=ep_size
+            ).lines()
+
+        for line in _run_cli(go):
+            _echo(line)
+    rec = _run_cli(lambda: resume_run(run_dir))
     cur = rec.current
     job, number = (cur.job_id, cur.number) if cur else ("?", "?")
     out.print(Text(f"{rec.run_id}: resubmitted as job {job} (attempt {number})"))
@@ -442,6 +477,54 @@ def export(
     run_dir = _run_cli(lambda: find_run_with_checkpoints(home_dir(home), run))
     path = _run_cli(lambda: export_run(run_dir, out_dir, tag=checkpoint))
     out.print(Text(f"wrote {path}"))
+
+
+@app.command()
+def reshard(
+    run: Annotated[
+        str,
+        typer.Argument(
+            metavar="RUN", help="A run id (or a unique prefix), or a run directory with checkpoints/."
+        ),
+    ],
+    nodes: Annotated[
+        int, typer.Option("--nodes", min=1, help="Nodes of the new topology.", show_default=False)
+    ],
+    tasks_per_node: TasksOption = None,
+    ep_size: Annotated[
+        int | None,
+        typer.Option(
+            "--ep-size", min=1, help="Expert-parallel size (default: the checkpoint's).", show_default=False
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option("--checkpoint", help="Checkpoint tag, e.g. step-000120 (default: newest valid one)."),
+    ] = None,
+    home: HomeOption = None,
+) -> None:
+    """Write a checkpoint's copy for another topology (<tag>-w<W>e<E>; offline, no GPUs needed)."""
+    from orchestrator.lifecycle.reshard import reshard_run
+    from orchestrator.rundir.runs import find_run_with_checkpoints
+    from orchestrator.spec.topology import change_lines
+
+    run_dir = _run_cli(lambda: find_run_with_checkpoints(home_dir(home), run))
+    result = _run_cli(
+        lambda: reshard_run(
+            run_dir, nodes=nodes, tasks_per_node=tasks_per_node, ep_size=ep_size, tag=checkpoint
+        )
+    )
+    if result is None:
+        out.print(Text("the checkpoint already has this topology; nothing written"))
+        return
+    for line in change_lines(result.old, result.new):
+        _echo(line)
+    out.print(
+        Text(
+            f"wrote {result.path} ({result.bytes / 1e6:.1f} MB, {result.written_bytes / 1e6:.1f} MB new, "
+            f"{result.seconds:.1f} s)"
+        )
+    )
 
 
 def main() -> None:

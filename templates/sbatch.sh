@@ -48,6 +48,10 @@ export MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"
 {% endif %}
 
 # One task per rank; per-task logs use the names submitit uses (<job>_<task>_log.out/.err).
-srun --ntasks-per-node={{ cfg.cluster.tasks_per_node | q }} --cpus-per-task={{ cfg.cluster.cpus_per_task | q }} --kill-on-bad-exit=0 \
+{% if srun_args %}
+# One rank per GPU: every task sees all GPUs of its node (--gpu-bind=none, so NCCL can use NVLink and
+# P2P between them) and the worker binds local rank r (SLURM_LOCALID) to cuda:r (worker/dist.py).
+{% endif %}
+srun --ntasks-per-node={{ cfg.cluster.tasks_per_node | q }} --cpus-per-task={{ cfg.cluster.cpus_per_task | q }} {% for arg in srun_args %}{{ arg | q }} {% endfor %}--kill-on-bad-exit=0 \
   --output={{ (logs_dir ~ "/%j_%t_log.out") | q }} --error={{ (logs_dir ~ "/%j_%t_log.err") | q }} \
   {{ python | q }} -u -m worker --config {{ run_yaml | q }} --run-dir {{ run_dir | q }}

@@ -5,6 +5,9 @@
 - `worker`: the worker extra (`pip install -e '.[worker]'`: torch, DeepSpeed, transformers), real
   ranks on CPU.
 - `cluster`: the localhost SLURM (tools/slurm-local/start.sh) and the worker extra.
+- `gpu`: CUDA GPUs and the worker extra: `python -m pytest -m gpu` (bench/gpu.sh runs it on the GPU
+  machine). Skipped with the reason where torch sees no GPU, so a run without `-m` (CI) reports them
+  skipped and never runs one.
 
 Every test is in exactly one group, assigned here (MODULES, and TESTS where a module mixes groups),
 never with a mark in the test module. One table is one place to read, and it lets pytest leave out
@@ -31,11 +34,12 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
-GROUPS = ("unit", "worker", "cluster")
+GROUPS = ("unit", "worker", "cluster", "gpu")
 
 MODULES: dict[str, str] = {
     "test_architecture.py": "unit",
     "test_backends.py": "unit",
+    "test_bf16_cpu.py": "worker",
     "test_bench_smoke.py": "unit",
     "test_checkpoint.py": "unit",
     "test_cli.py": "unit",
@@ -43,8 +47,15 @@ MODULES: dict[str, str] = {
     "test_data.py": "worker",  # worker.data and worker.tokenizer: numpy, tokenizers, transformers
     "test_datafile.py": "unit",
     "test_dist.py": "unit",
+    "test_elastic_slurm.py": "cluster",
     "test_export.py": "worker",
+    "test_gpu.py": "gpu",
+    "test_gpu_launch.py": "unit",
+    "test_hangs.py": "unit",
+    "test_hangs_slurm.py": "cluster",
+    "test_hangs_worker.py": "worker",
     "test_local_executor.py": "worker",
+    "test_meta_model.py": "worker",
     "test_model.py": "worker",
     "test_moe_dropless.py": "worker",
     "test_nodelist.py": "unit",
@@ -52,10 +63,14 @@ MODULES: dict[str, str] = {
     "test_preemption_unit.py": "unit",
     "test_rank_failure_slurm.py": "cluster",
     "test_redact.py": "unit",
+    "test_routing.py": "worker",  # the real DeepSpeed MoE and the dropless layer; 2-rank label routing
+    "test_routing_mi.py": "unit",  # the MI metric, label assignment, status/plot display
     "test_render.py": "unit",
     "test_render_accelerate.py": "worker",
+    "test_render_gpu_slurm.py": "cluster",
     "test_render_hostile.py": "unit",
     "test_render_slurm.py": "cluster",
+    "test_reshard.py": "worker",
     "test_run_dir_modes.py": "unit",
     "test_rundir_files.py": "unit",
     "test_runs.py": "unit",
@@ -63,6 +78,7 @@ MODULES: dict[str, str] = {
     "test_secrets_slurm.py": "cluster",
     "test_slurm_integration.py": "cluster",
     "test_slurm_parse.py": "unit",
+    "test_topology.py": "unit",
     "test_submit_unit.py": "unit",
     "test_validate_rules.py": "unit",
     "test_validate_summary.py": "unit",
@@ -79,6 +95,7 @@ TESTS: dict[str, str] = {
         "worker"
     ),
     "test_bench_smoke.py::test_resume_smoke_times_a_real_resume_against_a_fresh_start": "worker",
+    "test_bench_smoke.py::test_learning_smoke_trains_dense_and_top2_through_the_worker": "worker",
     # The rendered files, read by DeepSpeed's and accelerate's own parsers.
     "test_render.py::test_deepspeed_config_accepts_ds_config_json_with_its_batch_assertion": "worker",
     "test_render.py::test_deepspeed_launcher_parses_the_hostfile": "worker",
@@ -96,6 +113,7 @@ TESTS: dict[str, str] = {
 WORKER_EXTRA = importlib.util.find_spec("deepspeed") is not None
 NO_WORKER_EXTRA = "needs the worker extra (DeepSpeed is not installed): pip install -e '.[worker]'"
 NO_CLUSTER = "localhost SLURM is not up (tools/slurm-local/start.sh)"
+NO_GPU = "needs a CUDA GPU (torch sees none): `python -m pytest -m gpu` on a GPU machine (bench/gpu.sh)"
 
 
 @functools.cache
@@ -105,6 +123,14 @@ def cluster_answers() -> bool:
     from helpers import cluster_up
 
     return cluster_up()
+
+
+@functools.cache
+def cuda_present() -> bool:
+    """Whether torch sees a CUDA GPU: asked once, and only when a `gpu` test was collected."""
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _module_key(path: Path) -> str | None:
@@ -179,7 +205,7 @@ class WorkerExtraMissing(pytest.Item):
 def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> pytest.Module | None:
     key = _module_key(module_path)
     groups = module_groups(key) if key is not None else set()
-    if not WORKER_EXTRA and groups and groups <= {"worker", "cluster"}:
+    if not WORKER_EXTRA and groups and groups <= {"worker", "cluster", "gpu"}:
         return NeedsWorkerExtra.from_parent(parent, path=module_path)
     return None
 
@@ -206,10 +232,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             )
             continue
         item.add_marker(group)
-        if group in ("worker", "cluster") and not WORKER_EXTRA:
+        if group in ("worker", "cluster", "gpu") and not WORKER_EXTRA:
             item.add_marker(pytest.mark.skip(reason=NO_WORKER_EXTRA))
         elif group == "cluster" and not cluster_answers():
             item.add_marker(pytest.mark.skip(reason=NO_CLUSTER))
+        elif group == "gpu" and not cuda_present():
+            item.add_marker(pytest.mark.skip(reason=NO_GPU))
     modules = {_module_key(item.path): getattr(item, "module", None) for item in items}
     for name in TESTS:
         key, function = name.split("::")

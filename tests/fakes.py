@@ -104,7 +104,11 @@ class FakeSlurm:
         if self.on_scancel is not None:
             self.on_scancel(jid)
         job = self.jobs.get(jid)
-        if job is not None:
+        if job is not None and "--signal=KILL" in args:
+            # `scancel --signal=KILL --full`: every process killed, the job ends FAILED (not cancelled).
+            job.queue_state = "FAILED"
+            job.acct.append(("FAILED", "0:9", job.nodelist or "n1"))
+        elif job is not None:
             job.queue_state = "CANCELLED"
             job.acct.append(("CANCELLED by 0", "0:0", job.nodelist or "n1"))
         return ""

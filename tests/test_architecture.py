@@ -6,7 +6,8 @@ orchestrator -> worker rule). The rules:
 
 - the worker loads no orchestrator module that draws tables or renders templates (jinja2, typer,
   rich), directly or through other orchestrator modules;
-- the orchestrator reaches the worker in two modules only: the job entry a rank runs and the export;
+- the orchestrator reaches the worker in three modules only: the job entry a rank runs, the export
+  and the reshard;
 - no import cycles inside orchestrator, nor inside worker (top-level imports: an import inside a
   function is how a cycle is legitimately broken);
 - the shared layer (orchestrator/spec/, orchestrator/rundir/) loads no jinja2, typer, rich, nor torch.
@@ -38,8 +39,11 @@ PACKAGES = ("orchestrator", "worker")
 UI_LIBS = frozenset({"jinja2", "typer", "rich"})
 HEAVY_LIBS = frozenset({"torch", "deepspeed", "transformers"})
 SHARED_LAYER = ("orchestrator.spec", "orchestrator.rundir")
-WORKER_ENTRIES = frozenset({"orchestrator.lifecycle.job", "orchestrator.lifecycle.export"})
-"""The job entry submitit runs on each rank, and the export (worker/export.py needs torch)."""
+WORKER_ENTRIES = frozenset(
+    {"orchestrator.lifecycle.job", "orchestrator.lifecycle.export", "orchestrator.lifecycle.reshard"}
+)
+"""The job entry submitit runs on each rank, and the export and reshard (worker/export.py and
+worker/reshard.py read the checkpoint's files with torch)."""
 
 Kind = Literal["top", "function", "type_checking"]
 

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import REPO
@@ -83,7 +84,9 @@ def test_run_all_skips_the_slurm_benchmark_when_no_cluster_answers(monkeypatch: 
 
 
 def test_run_all_runs_every_issue_row_in_order() -> None:
-    assert run_all.NAMES == ["cli-latency", "train-step", "moe-layer", "checkpoint", "resume", "preemption"]
+    assert run_all.NAMES == [
+        "cli-latency", "train-step", "moe-layer", "checkpoint", "resume", "preemption", "heartbeat",
+    ]
 
 
 def test_gpu_model_flops_count_the_routed_experts_not_all_experts() -> None:
@@ -154,3 +157,66 @@ def test_resume_smoke_times_a_real_resume_against_a_fresh_start(tmp_path: Path) 
         except OSError:
             continue
     assert leftovers == []
+
+
+def _learning_record(
+    variant: str, seed: int, final: float, step_s: float, mi: float | None
+) -> dict[str, Any]:
+    evals = {"0": 6.0, "300": final + 0.5, "600": final}
+    return {"variant": variant, "seed": seed, "steps": 600, "eval": evals, "final_eval_loss": final,
+            "mean_step_s": step_s, "mi_bits": mi, "mi_answer_bits": mi}  # fmt: skip
+
+
+def test_learning_summary_compares_with_dense_at_equal_steps_and_at_equal_time() -> None:
+    from bench import learning
+
+    records = [
+        _learning_record("dense", 42, 2.4, 0.03, None), _learning_record("dense", 43, 2.5, 0.03, None),
+        _learning_record("top2", 42, 2.2, 0.06, 1.0), _learning_record("top2", 43, 2.6, 0.06, 0.5),
+    ]  # fmt: skip
+    summary = learning.summarise(records)
+    assert summary["budget_s"] == {"42": 18.0, "43": 18.0}  # the dense parent's 600 steps
+    top2 = summary["variants"]["top2"]
+    assert (top2["beats_dense_steps"], top2["seeds_compared"]) == (1, 2)
+    # 18 s buy top2 300 steps: its eval there (2.7 / 3.1) against dense's final (2.4 / 2.5)
+    assert top2["seeds"]["42"]["step_at_time"] == 300 and top2["beats_dense_time"] == 0
+    assert top2["mean_mi_bits"] == 0.75
+    table = learning.markdown(summary)
+    assert "| top2 | 2.200 | 2.600 | 2.400 | 1/2 | 2.700@300/3.100@300 |" in table
+
+
+def test_learning_variants_set_the_whole_moe_section() -> None:
+    from bench import learning
+
+    assert learning.moe_sets(learning.VARIANTS["top2+label0.1"]) == [
+        "moe.enabled=true", "moe.num_experts=4", "moe.implementation=\"deepspeed\"", "moe.ep_size=2",
+        "moe.capacity_factor=1.0", "moe.top_k=2", "moe.drop_tokens=true", "moe.label_routing.weight=0.1",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_learning_smoke_trains_dense_and_top2_through_the_worker(tmp_path: Path) -> None:
+    from bench import learning
+
+    out = tmp_path / "learning.json"
+    assert learning.main(["--smoke", "--json-out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [(r["variant"], r["seed"]) for r in doc["records"]] == [("dense", 42), ("top2", 42)]
+    dense, top2 = doc["records"]
+    assert dense["mi_bits"] is None and 0 <= top2["mi_bits"] <= top2["mi_max_bits"] == 2.0
+    assert sorted(int(s) for s in top2["eval"]) == [0, 3, 6]
+    assert all(math.isfinite(r["final_eval_loss"]) and r["mean_step_s"] > 0 for r in doc["records"])
+
+
+def test_heartbeat_smoke_times_steps_with_and_without_the_watchdog_and_its_file_is_written(
+    tmp_path: Path,
+) -> None:
+    from bench import heartbeat
+
+    out = tmp_path / "heartbeat.json"
+    assert heartbeat.main(["--smoke", "--json-out", str(out)]) == 0
+    rows = _rows(out)
+    assert [r.name for r in rows] == ["heartbeat step time (pulse + watchdog)", "heartbeat Pulse.enter"]
+    assert rows[0].baseline and rows[0].ratio == rows[0].ours / rows[0].baseline
+    last = json.loads(out.read_text())["raw"]["last_heartbeat"]
+    assert last["step"] == 20 and len(last["compute_s"]) == 20, "the watchdog wrote the pulse's state"

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 from helpers import (
     events,
     moe_orch,
+    queue_state,
     run_json,
     scontrol,
     status_json,
@@ -27,10 +29,14 @@ from helpers import (
     wait_step,
 )
 
+from orchestrator.rundir.reports import read_metrics
+
 pytestmark = pytest.mark.slow  # the localhost SLURM: skipped when it is down (tests/conftest.py)
 
 
-LONG = ("training.max_steps=300", "training.save_steps=100", "cluster.time_min=60")
+LONG = (
+    "training.max_steps=300", "training.save_steps=100", "cluster.time_min=60", "training.logging_steps=1",
+)  # fmt: skip
 """Long enough to be killed mid-way (tiny-slurm does 10-20 steps/s here)."""
 
 
@@ -76,3 +82,31 @@ def test_a_rank_killed_by_sigkill_is_the_cause_and_its_peers_error_the_consequen
         return state if state == "FAILED" else None
 
     wait_for("sacct's FAILED row", final_record, 60, 1)
+
+    # Goodput over the failure, a resumption and a preemption (issue 11): resume by hand, preempt
+    # the new job with USR2 past its step-100 checkpoint, let SLURM requeue it, and let it complete.
+    killed_at = stopped["attempts"][0]["last_step"]
+    assert moe_orch("resume", run_id, home=tmp_path).returncode == 0
+    second = wait_for("the resumed job", lambda: (lambda a: a[1]["job_id"] if len(a) > 1 else None)(
+        run_json(run_dir)["attempts"]), 30)  # fmt: skip
+    wait_step(run_dir, 120, timeout=180)  # the killed attempt reached ~10: this is the resumed one
+    subprocess.run(["scancel", "--signal=USR2", str(second)], check=True)
+    wait_for("the requeue", lambda: queue_state(str(second)) in ("PENDING", "REQUEUED", "RUNNING"), 60, 0.5)
+    done = wait_state(run_id, tmp_path, ("completed",), timeout=300)
+    assert done["state"] == "completed", done
+    reasons = [a["stop_reason"] for a in done["attempts"]]
+    assert reasons == ["failed", "preempted", "completed"], reasons
+    good = status_json(run_id, tmp_path)["goodput"]
+    parts = sum(good[p] for p in ("startup_s", "productive_s", "redone_s", "checkpoint_s", "eval_s", "hang_s",
+                                  "lost_s", "other_s"))  # fmt: skip
+    assert abs(good["allocated_s"] - parts) <= 0.02 * good["allocated_s"], good
+    assert good["steps_redone"] == killed_at, "the killed attempt saved nothing: all its steps were redone"
+    # The redone time is the killed attempt's own step times (metrics.jsonl, first line of each step).
+    first_times: dict[int, float] = {}
+    for line in read_metrics(run_dir):
+        if "step_time_s" in line:
+            first_times.setdefault(int(line["step"]), float(line["step_time_s"]))
+    measured = 2 * sum(first_times[s] for s in range(1, killed_at + 1))
+    assert good["redone_s"] == pytest.approx(measured, rel=0.1, abs=0.5), (good, measured)
+    assert 0 < good["goodput"] < 1 and good["productive_s"] > 0
+    print("goodput:", good)

@@ -29,7 +29,12 @@ GOLDEN = Path(__file__).parent / "golden"
 RUN_DIR = Path("/runs/RUN-ID")
 PYTHON = "/opt/moe-orch/bin/python"
 # (config, nodelist the goldens are rendered with)
-GOLDEN_CONFIGS = [("tiny-slurm", "n[1-2]"), ("mpt7b-moe-4x8", "gpu-[01-04]")]
+# mpt7b-moe-4x8 asks for GPUs with --gpus-per-node, mpt7b-moe-2x8-a100 with --gres (cluster.gpu_request).
+GOLDEN_CONFIGS = [
+    ("tiny-slurm", "n[1-2]"),
+    ("mpt7b-moe-4x8", "gpu-[01-04]"),
+    ("mpt7b-moe-2x8-a100", "a[1-2]"),
+]
 
 
 def rendered(name: str, nodelist: str | None) -> dict[str, str]:
@@ -71,11 +76,12 @@ def test_sbatch_options_are_one_ordered_list_with_every_resource() -> None:
     options = sbatch_options(cfg, RUN_DIR)
     keys = [k for k, _ in options]
     assert keys == [
-        "job-name", "nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "mem", "time",
+        "job-name", "nodes", "ntasks-per-node", "gres", "cpus-per-task", "mem", "time",
         "partition", "account", "qos", "constraint", "signal", "requeue", "open-mode", "output", "error",
         "mail-type",
     ]  # fmt: skip
     values = dict(options)
+    assert values["gres"] == "gpu:8"  # cluster.gpu_request: gres
     assert values["mem"] == "480G"
     assert values["signal"] == "USR2@600"
     assert values["requeue"] == ""
@@ -134,7 +140,7 @@ def test_the_rendered_ds_config_is_the_dict_the_worker_gives_deepspeed() -> None
 # --- the real readers accept the files ------------------------------------------------------------
 
 
-@pytest.fixture(params=[name for name, _ in GOLDEN_CONFIGS] + ["mpt7b-moe-2x8-a100"])
+@pytest.fixture(params=[name for name, _ in GOLDEN_CONFIGS])
 def written(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[RunConfig, dict[str, Path]]:
     cfg = load_config(request.param)
     nodes = ",".join(f"node{i}" for i in range(cfg.cluster.nodes))

@@ -183,8 +183,34 @@ def skip_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
 
 
-def init_distributed(info: DistInfo, *, num_threads: int, use_gpu: bool) -> None:
-    """Start the process group (gloo on CPU, nccl on GPU) for `info`."""
+def gpu_device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device a rank binds: local rank r -> cuda:r when the rank sees every GPU of its node
+    (sbatch.sh's `srun --gpu-bind=none`, torchrun); cuda:0 when the launcher gave each task its own
+    GPU (one visible device, e.g. a site's `srun --gpus-per-task=1`)."""
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise RuntimeError(
+        f"local rank {local_rank} has no GPU: this process sees {visible} GPU(s) "
+        "(CUDA_VISIBLE_DEVICES); start at most one rank per GPU (cluster.tasks_per_node <= gpus_per_node)"
+    )
+
+
+PROCESS_GROUP_BACKEND_GPU = "cpu:gloo,cuda:nccl"
+"""NCCL for CUDA tensors (DeepSpeed's gradients and all_to_all), gloo for the CPU tensors of the
+worker's own small collectives (step totals, routing statistics, checkpoint verdicts), which NCCL
+cannot carry."""
+
+
+def init_distributed(
+    info: DistInfo, *, num_threads: int, use_gpu: bool, timeout_s: int | None = None
+) -> None:
+    """Start the process group for `info`: gloo on CPU; on GPU, NCCL (and gloo for CPU tensors) with
+    this rank bound to its GPU and collectives timing out after `timeout_s`
+    (orchestrator/spec/launch.py; None: DeepSpeed's default)."""
+    from datetime import timedelta
+
     import torch
 
     export_env(info)
@@ -203,8 +229,9 @@ def init_distributed(info: DistInfo, *, num_threads: int, use_gpu: bool) -> None
     if not use_gpu:
         skip_shm_build()
     else:
-        torch.cuda.set_device(info.local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+        torch.cuda.set_device(gpu_device_index(info.local_rank, torch.cuda.device_count()))
+    kwargs: dict[str, Any] = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(dist_backend=PROCESS_GROUP_BACKEND_GPU if use_gpu else "gloo", **kwargs)
     logger.debug(
         "rank %d/%d (local %d) via %s, rendezvous %s:%d",
         info.rank, info.world_size, info.local_rank, info.source, info.master_addr, info.master_port,

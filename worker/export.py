@@ -46,6 +46,10 @@ _EXPERT_RE = re.compile(
 )
 
 
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""`training.precision` -> the dtype of every floating-point tensor of the export."""
+
+
 def _load(path: Path) -> Any:
     # NOTE: DeepSpeed's files hold its config and client state besides tensors; they are our own
     # run's files, so the full unpickler is acceptable here.
@@ -140,7 +144,25 @@ def _hf_config(run_config: RunConfig, state: dict[str, torch.Tensor], moe_blocks
         moe_layers=moe_blocks,
     )
     config.auto_map = dict(AUTO_MAP)
+    if run_config.moe.label_routing.weight > 0:
+        config.label_routing = _label_routing_record(run_config)  # for reference: the router is plain
     return config
+
+
+def _label_routing_record(run_config: RunConfig) -> dict[str, Any]:
+    """`{"weight", "experts": {label: [expert ids]}}`: what the label-routing loss pulled toward,
+    resolved against the run's data as the worker resolved it (`auto` when the data is gone)."""
+    from orchestrator.errors import ConfigError
+    from worker.data import expert_label_vocab, make_splits, read_train_examples
+
+    lr = run_config.moe.label_routing
+    try:
+        train, evaluation = make_splits(run_config, read_train_examples(run_config))
+    except (OSError, ConfigError) as exc:
+        logger.warning("label routing: cannot read the run's data (%s); recording the config's setting", exc)
+        return {"weight": lr.weight, "experts": lr.experts}
+    labels = expert_label_vocab([*train, *evaluation])
+    return {"weight": lr.weight, "experts": lr.assignment(labels, run_config.moe.num_experts)}
 
 
 def _build_model(config: Any, state: dict[str, torch.Tensor], moe: bool) -> Any:
@@ -208,7 +230,10 @@ def export_checkpoint(ckpt_dir: Path, run_config: RunConfig, tokenizer_dir: Path
         )
     if moe_blocks:
         _check_expert_files(ckpt_dir, len(moe_blocks), run_config.moe.num_experts)
-    state = {hf_key(k): v for k, v in raw.items()}
+    # NOTE: DeepSpeed saves the module in the training precision already (bf16 weights, the fp32
+    # master copy stays in the optimizer files); the cast makes the rule explicit for every tensor.
+    dtype = EXPORT_DTYPES[run_config.training.precision]
+    state = {hf_key(k): v.to(dtype) if v.is_floating_point() else v for k, v in raw.items()}
     config = _hf_config(run_config, state, moe_blocks)
     model = _build_model(config, state, moe=bool(moe_blocks))
 

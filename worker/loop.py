@@ -24,6 +24,7 @@ from orchestrator.rundir.runs import StopReason
 from orchestrator.spec.schema import RunConfig
 from worker import checkpoint as ckpt
 from worker.dist import DistInfo
+from worker.heartbeat import Pulse
 from worker.metrics import Reporter, RoutingStats
 from worker.schedule import step_seed
 from worker.signals import Faults, SignalState, clear_save_now
@@ -89,6 +90,19 @@ class Trainer:
     routing: RoutingStats | None
     pad_id: int
     step: int = 0
+    pulse: Pulse | None = None  # heartbeats and the stall watchdog (worker.heartbeat)
+    fault_group: Any = None  # a process group only the `hang_at_step:...:collective` fault uses
+
+    def enter(self, phase: str) -> None:
+        """The main thread enters `phase` (the heartbeat shows it; the time ledger counts it)."""
+        if self.pulse is not None:
+            self.pulse.enter(phase)
+
+    def exit_fields(self) -> dict[str, Any]:
+        """What every `exit` event carries for goodput: this attempt's time ledger."""
+        if self.pulse is None:
+            return {}
+        return {"ledger": self.pulse.ledger_now(), "train_s": round(self.pulse.train_s, 3)}
 
     @property
     def gas(self) -> int:
@@ -136,7 +150,10 @@ class Trainer:
             return batch
         seq = batch["input_ids"].shape[1]
         longest = torch.tensor([seq], dtype=torch.long)
+        phase = self.pulse.phase if self.pulse is not None else "data"
+        self.enter("collective")  # the heartbeat shows a rank waiting here for a stuck peer
         dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        self.enter(phase)
         extra = int(longest) - seq
         if extra == 0:
             return batch
@@ -150,22 +167,36 @@ class Trainer:
         """One micro-batch; returns (lm loss, aux loss, tokens)."""
         import torch
 
-        from worker.model import expert_token_counts, moe_aux_loss, routing_top1
+        from worker import model as moe
 
         batch = self.common_length(batch)
         torch.manual_seed(step_seed(self.cfg.training.seed, self.step, micro, self.info.rank))
         device = self.engine.device
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+        label_weight = self.cfg.moe.label_routing.weight if self.routing is not None else 0.0
+        if label_weight > 0:
+            # (b, s): each token carries its example's label id (padding is masked by the layers)
+            token_labels = batch["expert_label_ids"][:, None].expand_as(batch["input_ids"])
+            moe.set_token_labels(self.engine.module, token_labels)
+        self.enter("forward")
         out = self.engine(**inputs)
         lm = out.loss
-        aux = moe_aux_loss(self.engine.module)
+        aux = moe.moe_aux_loss(self.engine.module)
         loss = lm + self.cfg.moe.aux_loss_weight * aux
+        label_loss = moe.moe_label_loss(self.engine.module) if label_weight > 0 else None
+        if label_loss is not None:
+            loss = loss + label_weight * label_loss
+        self.enter("backward")
         self.engine.backward(loss)
         if micro == self.gas - 1 and not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeed's accumulation boundary is out of step with the loop")
+        self.enter("optimizer")
         self.engine.step()
         if self.routing is not None:
-            self.routing.add(expert_token_counts(self.engine.module), routing_top1(self.engine.module), batch)
+            self.routing.add(
+                moe.expert_token_counts(self.engine.module), moe.routing_top1(self.engine.module), batch,
+                label_loss=float(label_loss.detach()) if label_loss is not None else None,
+            )  # fmt: skip
         return float(lm.detach()), float(aux.detach()), int(batch["attention_mask"].sum())
 
     def evaluate(self) -> float:
@@ -210,6 +241,7 @@ class Trainer:
             "attempt_key": self.info.attempt_key,
             "time": time.time(),
         }
+        self.enter("checkpoint")
         result = ckpt.save_checkpoint(
             self.engine,
             self.run_dir,
@@ -219,8 +251,13 @@ class Trainer:
             keep=self.cfg.training.keep_checkpoints,
             hold_save_s=self.faults.hold_save_s,
         )
+        train_s = None
+        if self.pulse is not None:
+            self.pulse.saved(result.save_s)
+            train_s = round(self.pulse.train_s, 3)
         self.reporter.event(
-            "checkpoint", tag=result.tag, step=self.step, save_s=round(result.save_s, 3), bytes=result.bytes
+            "checkpoint", tag=result.tag, step=self.step, save_s=round(result.save_s, 3), bytes=result.bytes,
+            train_s=train_s,  # time in optimizer steps so far in this attempt (goodput: steps kept)
         )
         logger.info("saved checkpoint %s (%.2f s, %.1f MB)", result.tag, result.save_s, result.bytes / 1e6)
         return result
@@ -236,16 +273,24 @@ class Trainer:
         first = True
         last_saved = self.step if self.step > 0 else -1
         window_tokens, window_time = 0, 0.0
+        if self.pulse is not None:
+            self.pulse.arm(self.step)
         while self.step < self.total_steps:
+            self._injected_hang()
             started = time.perf_counter()
             lm_sum = aux_sum = 0.0
             tokens = 0
             lr = float(self.engine.get_lr()[0])
             for micro in range(self.gas):
-                lm, aux, n = self.forward_backward(next(batches), micro)
+                self.enter("data")
+                batch = next(batches)
+                lm, aux, n = self.forward_backward(batch, micro)
                 lm_sum += lm
                 aux_sum += aux
                 tokens += n
+            if self.faults.slow_rank == self.info.rank:
+                # MOE_ORCH_FAULT slow_rank: this rank computes `slow_factor` times as long.
+                time.sleep((self.faults.slow_factor - 1.0) * (time.perf_counter() - started))
             self.step += 1
             epoch = (self.step - 1) // self.steps_per_epoch
             save_now = self.signals.take_save_request(self.run_dir, check_file=self.info.is_main)
@@ -253,12 +298,18 @@ class Trainer:
             term = self.signals.stop_signal == "TERM"
             # One collective per step: losses, tokens and every rank's flags (any rank's flag wins).
             mine = StepTotals(lm_sum, aux_sum, float(tokens), float(usr2), float(term), float(save_now))
+            self.enter("collective")
+            waited = time.perf_counter()
             totals = StepTotals.from_list(self.all_reduce(mine.to_list()))
+            waited = time.perf_counter() - waited
             world = self.info.world_size
             lm_mean = totals.lm_sum / (world * self.gas)
             aux_mean = totals.aux_sum / (world * self.gas)
             loss = lm_mean + self.cfg.moe.aux_loss_weight * aux_mean
             step_time = time.perf_counter() - started
+            if self.pulse is not None:
+                self.pulse.step_done(self.step, step_time, waited)
+            self.enter("logging")  # progress, metrics, TensorBoard: after the step's own time
             window_tokens += int(totals.tokens)
             window_time += step_time
             tokens_per_s = totals.tokens / step_time if step_time > 0 else 0.0
@@ -290,6 +341,9 @@ class Trainer:
         self._log_eval()
         if last_saved != self.step:
             self.save()
+        if self.pulse is not None:
+            self.pulse.disarm()  # trained and saved: the export and the teardown are not steps
+        self.enter("export")
         if self.info.is_main:
             clear_save_now(self.run_dir)  # a request at the last step was served by the final save
             if t.export_on_finish:
@@ -299,11 +353,37 @@ class Trainer:
 
                 out = export_run(self.run_dir)
                 logger.info("exported a Hugging Face folder to %s", out)
-        self.reporter.event("exit", reason=StopReason.COMPLETED, step=self.step, requeued=False, error=None)
+        self.enter("done")
+        self.reporter.event(
+            "exit", reason=StopReason.COMPLETED, step=self.step, requeued=False, error=None,
+            **self.exit_fields(),
+        )  # fmt: skip
         return EXIT_COMPLETED
 
+    def _injected_hang(self) -> None:
+        """MOE_ORCH_FAULT `hang_at_step:N:R[:collective]`: rank R stops for good before step N,
+        outside any collective (in `data`) or inside one nobody else joins."""
+        f = self.faults
+        if f.hang_at_step is None or self.step + 1 != f.hang_at_step or self.info.rank != f.hang_rank:
+            return
+        logger.warning("MOE_ORCH_FAULT: rank %d hangs before step %d (%s)", self.info.rank, f.hang_at_step,
+                       "in a collective" if f.hang_in_collective else "outside collectives")
+        if f.hang_in_collective and self.fault_group is not None:
+            import torch
+            import torch.distributed as dist
+
+            self.enter("collective")
+            dist.all_reduce(torch.zeros(1), group=self.fault_group)  # the others never join
+        self.enter("data")
+        while True:
+            time.sleep(3600)
+
     def _log_eval(self) -> None:
+        self.enter("eval")
+        started = time.perf_counter()
         eval_loss = self.evaluate()
+        if self.pulse is not None:
+            self.pulse.evaluated(time.perf_counter() - started)
         if not math.isnan(eval_loss):
             self.reporter.log_eval(self.step, eval_loss)
             logger.info("step %d eval_loss %.4f", self.step, eval_loss)
@@ -311,10 +391,10 @@ class Trainer:
     def _log_step(
         self, epoch: int, loss: float, lm: float, aux: float, lr: float, tokens_per_s: float, step_time: float
     ) -> None:
-        expert_load: dict[str, list[float]] = {}
-        label_routing: dict[str, list[float]] = {}
+        # expert_load, label_routing, routing_mi_bits, ... (worker.metrics.RoutingStats)
+        routing: dict[str, Any] = {"expert_load": {}, "label_routing": {}}
         if self.routing is not None:
-            expert_load, label_routing = self.routing.reduce_and_reset()
+            routing = self.routing.reduce_and_reset()
         grad_norm = self.engine.get_global_grad_norm()
         record = {
             "step": self.step,
@@ -326,8 +406,7 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": tokens_per_s,
             "step_time_s": step_time,
-            "expert_load": expert_load,
-            "label_routing": label_routing,
+            **routing,
             "max_rss_mb": round(peak_rss_mb(), 1),
         }
         self.reporter.log_step(record)

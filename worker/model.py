@@ -1,8 +1,15 @@
 """MPT loading and sparse upcycling of its FFNs into `deepspeed.moe.layer.MoE`.
 
 The training loop calls `build_model`, then reads the MoE side channels after each forward:
-`moe_aux_loss`, `expert_token_counts` and `routing_top1`. `optimizer_param_groups` gives the
-groups DeepSpeed needs (expert parameters in their own group, or DeepSpeed asserts).
+`moe_aux_loss`, `moe_label_loss`, `expert_token_counts` and `routing_top1`.
+
+Real tokens only: a forward pre-hook on the model hands the call's `attention_mask` to every MoE
+layer, which routes only the tokens it marks (DeepSpeed's layer through `worker.moe_gate`, the
+dropless one by itself): padding takes no expert capacity and counts in no load statistic or
+loss. Label routing: `set_label_routing` gives each layer the (labels, E) table of allowed experts
+once; `set_token_labels` gives the next forward each token's label id (one-shot, training only).
+`optimizer_param_groups` gives the groups DeepSpeed needs (expert parameters in their own group, or
+DeepSpeed asserts).
 
 Module names matter: `worker/export.py` maps them to `worker/hf_moe/modeling_mpt_moe.py`:
     transformer.blocks.{i}.ffn.moe.deepspeed_moe.gate.wg.weight                      (E, d)
@@ -67,8 +74,9 @@ def _gate_weight(layer: nn.Module) -> torch.Tensor:
 class MoeFFN(nn.Module):
     """Drop-in for `MptBlock.ffn`: forward(hidden, residual) = MoE(hidden) + residual.
 
-    Keeps the last forward's `l_aux`, `exp_counts` (tokens this rank routed to each global expert,
-    before capacity dropping) and `top1` (the router's first choice per token, shape (b*s,)).
+    Keeps the last forward's `l_aux`, `exp_counts` (real tokens this rank routed to each global
+    expert, before capacity dropping), `top1` (the router's first choice per token, shape (b*s,),
+    padding included: readers mask it) and `label_loss` (None unless label routing ran).
     """
 
     def __init__(self, moe: nn.Module, dropout_p: float = 0.0) -> None:
@@ -78,6 +86,10 @@ class MoeFFN(nn.Module):
         self.l_aux: torch.Tensor | None = None
         self.exp_counts: torch.Tensor | None = None
         self.top1: torch.Tensor | None = None
+        self.label_loss: torch.Tensor | None = None
+        self.token_mask: torch.Tensor | None = None  # (b, s) of the current forward; None: all real
+        self.token_labels: torch.Tensor | None = None  # (b, s) label id per token, -1: none
+        self.label_experts: torch.Tensor | None = None  # (labels, E) bool: each label's experts
 
     def train(self, mode: bool = True) -> MoeFFN:
         super().train(mode)
@@ -93,11 +105,41 @@ class MoeFFN(nn.Module):
         with torch.no_grad():
             flat = hidden.detach().reshape(-1, hidden.shape[-1]).float()  # (b*s, d)
             self.top1 = F.linear(flat, _gate_weight(self.moe).detach().float()).argmax(dim=-1)  # (b*s,)
-        out, l_aux, exp_counts = self.moe(hidden)
+        used = None
+        if self.token_mask is not None:
+            if self.token_mask.shape != hidden.shape[:-1]:
+                raise ValueError(
+                    f"token mask {tuple(self.token_mask.shape)} does not match the hidden states "
+                    f"{tuple(hidden.shape[:-1])}"
+                )
+            used = self.token_mask.reshape(-1).to(device=hidden.device, dtype=torch.int64)  # (b*s,)
+        out, l_aux, exp_counts = self.moe(hidden) if used is None else self.moe(hidden, used)
+        self.label_loss = self._label_loss(hidden, used) if self.training else None
         self.l_aux = l_aux
         self.exp_counts = exp_counts.detach() if isinstance(exp_counts, torch.Tensor) else exp_counts
         out = F.dropout(out, p=self.dropout_p, training=self.training)
         return out + residual
+
+    def _label_loss(self, hidden: torch.Tensor, used: torch.Tensor | None) -> torch.Tensor | None:
+        """Mean over the real, guided tokens of -log(router probability of the token's experts)."""
+        if self.token_labels is None or self.label_experts is None:
+            return None
+        labels = self.token_labels.reshape(-1).to(hidden.device)  # (b*s,)
+        if labels.shape[0] != hidden.shape[:-1].numel():
+            raise ValueError(
+                f"token labels {tuple(self.token_labels.shape)} do not match {tuple(hidden.shape[:-1])}"
+            )
+        table = self.label_experts.to(hidden.device)  # (labels, E)
+        guided = (labels >= 0) & table[labels.clamp(min=0)].any(dim=-1)  # (b*s,) a label with experts
+        if used is not None:
+            guided &= used.bool()
+        rows = guided.nonzero().squeeze(1)  # (n,)
+        if rows.numel() == 0:
+            return None
+        x = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows).float()  # (n, d)
+        logp = F.log_softmax(F.linear(x, _gate_weight(self.moe).float()), dim=-1)  # (n, E)
+        allowed = table[labels.index_select(0, rows)]  # (n, E)
+        return -(logp.masked_fill(~allowed, float("-inf")).logsumexp(dim=-1)).mean()
 
 
 def _make_moe_layer(cfg: RunConfig, hidden_size: int, expert: nn.Module) -> nn.Module:
@@ -117,6 +159,8 @@ def _make_moe_layer(cfg: RunConfig, hidden_size: int, expert: nn.Module) -> nn.M
         )
     from deepspeed.moe.layer import MoE
 
+    from worker.moe_gate import mask_gate
+
     layer: nn.Module = MoE(
         hidden_size=hidden_size,
         expert=expert,
@@ -130,7 +174,7 @@ def _make_moe_layer(cfg: RunConfig, hidden_size: int, expert: nn.Module) -> nn.M
         noisy_gate_policy=None if m.noisy_gate_policy == "none" else m.noisy_gate_policy,
         drop_tokens=m.drop_tokens,
     )
-    return layer
+    return mask_gate(layer)  # NOTE: DeepSpeed's own gate masks top-1 only and sizes capacity with padding
 
 
 def dense_config(cfg: RunConfig, vocab_size: int | None = None) -> MptConfig:
@@ -222,8 +266,46 @@ def upcycle(model: MptForCausalLM, cfg: RunConfig) -> MptForCausalLM:
             layer = _make_moe_layer(cfg, hidden_size, ExpertMLP.from_dense(dense))
             blocks[i].ffn = MoeFFN(layer, dropout_p=float(getattr(dense, "hidden_dropout", 0.0)))
     model.train(model.training)  # sets the top-2 sampling flag for the current mode
+    model.register_forward_pre_hook(_route_real_tokens, with_kwargs=True)
     logger.info("upcycled blocks %s into %d experts (top-%d)", indices, cfg.moe.num_experts, cfg.moe.top_k)
     return model
+
+
+PENDING_LABELS = "_moe_pending_token_labels"
+
+
+def _route_real_tokens(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Forward pre-hook: this call's `attention_mask` (None: every token is real) and the pending
+    token labels go to every MoE layer, so a stale mask can never outlive its batch."""
+    mask = kwargs.get("attention_mask")
+    labels = getattr(model, PENDING_LABELS, None)
+    setattr(model, PENDING_LABELS, None)  # one-shot: set again before each training forward
+    for layer in moe_layers(model):
+        layer.token_mask = mask.bool() if isinstance(mask, torch.Tensor) else None
+        layer.token_labels = labels
+    return args, kwargs
+
+
+def set_token_labels(model: nn.Module, token_labels: torch.Tensor | None) -> None:
+    """Each token's label id (b, s) (-1: none) for the next forward's label-routing loss only."""
+    setattr(model, PENDING_LABELS, token_labels)
+
+
+def label_expert_table(assignment: dict[str, list[int]], labels: list[str], num_experts: int) -> torch.Tensor:
+    """(labels, E) bool: row i marks the experts of `labels[i]` (all False: the label is not guided)."""
+    table = torch.zeros((max(len(labels), 1), num_experts), dtype=torch.bool)
+    for i, label in enumerate(labels):
+        for expert in assignment.get(label, []):
+            table[i, expert] = True
+    return table
+
+
+def set_label_routing(model: nn.Module, table: torch.Tensor | None) -> None:
+    """Give every MoE layer the label -> experts table (None turns label routing off)."""
+    for layer in moe_layers(model):
+        layer.label_experts = table
 
 
 def build_model(cfg: RunConfig, vocab_size: int) -> MptForCausalLM:
@@ -244,6 +326,17 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor:
     losses = [m.l_aux for m in moe_layers(model) if m.l_aux is not None]
     if not losses:
         return torch.zeros((), device=next(model.parameters()).device)
+    total = losses[0]
+    for loss in losses[1:]:
+        total = total + loss
+    return total
+
+
+def moe_label_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the last forward's label-routing losses over the MoE layers (None: none ran)."""
+    losses = [m.label_loss for m in moe_layers(model) if m.label_loss is not None]
+    if not losses:
+        return None
     total = losses[0]
     for loss in losses[1:]:
         total = total + loss

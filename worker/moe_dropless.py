@@ -189,7 +189,9 @@ class DroplessMoE(nn.Module):
       DeepSpeed drops nothing (e.g. capacity_factor >= num_experts);
     - any number of tokens works (DeepSpeed asserts tokens >= min_capacity, so 1-token generation
       fails there);
-    - `ep_size` must be 1 and `use_residual`, `use_tutel`, `used_token` are not supported.
+    - `ep_size` must be 1 and `use_residual`, `use_tutel` are not supported.
+    `used_token` (S,) marks the real tokens: only they are routed (padding gets output 0 and counts
+    in neither `exp_counts` nor `l_aux`), exactly as if the batch held only them.
     """
 
     def __init__(
@@ -238,8 +240,14 @@ class DroplessMoE(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if used_token is not None:
-            raise NotImplementedError("the dropless MoE layer does not support used_token")
-        output = self.deepspeed_moe(hidden_states)
+        if used_token is None:
+            output = self.deepspeed_moe(hidden_states)
+        else:
+            # NOTE: route the real tokens alone (their noise draws too), then put them back in place.
+            d_model = hidden_states.shape[-1]
+            flat = hidden_states.reshape(-1, d_model)  # (S, d)
+            rows = used_token.reshape(-1).bool().nonzero().squeeze(1)  # (n,)
+            routed = self.deepspeed_moe(flat.index_select(0, rows))  # (n, d)
+            output = routed.new_zeros(flat.shape).index_copy(0, rows, routed).reshape(hidden_states.shape)
         assert self.deepspeed_moe.l_aux is not None and self.deepspeed_moe.exp_counts is not None
         return output, self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts

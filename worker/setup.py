@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from orchestrator.errors import ConfigError, ConfigIssue
 from orchestrator.spec.deepspeed import deepspeed_config  # one definition: ds_config.json and the engine
 from orchestrator.spec.schema import RunConfig
 from worker import checkpoint as ckpt
 from worker.dist import DistInfo
+from worker.elastic import ResumePlan, verify_loaded
 from worker.loop import Trainer
 from worker.metrics import Reporter, RoutingStats
 from worker.schedule import lr_multiplier, total_steps
@@ -50,7 +52,13 @@ def setup_trainer(
         read_train_examples,
         tokenizer_texts,
     )
-    from worker.model import build_model, moe_layers, optimizer_param_groups
+    from worker.model import (
+        build_model,
+        label_expert_table,
+        moe_layers,
+        optimizer_param_groups,
+        set_label_routing,
+    )
     from worker.tokenizer import load_or_train_tokenizer_on_ranks
 
     t = cfg.training
@@ -68,6 +76,11 @@ def setup_trainer(
 
     torch.manual_seed(t.seed)
     model = build_model(cfg, len(tokenizer))
+    if cfg.moe.enabled and cfg.moe.label_routing.weight > 0:
+        labels = train_ds.label_vocab
+        assignment = cfg.moe.label_routing.assignment(labels, cfg.moe.num_experts)
+        set_label_routing(model, label_expert_table(assignment, labels, cfg.moe.num_experts))
+        logger.info("label routing (weight %g): %s", cfg.moe.label_routing.weight, assignment)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -90,13 +103,24 @@ def setup_trainer(
     )
 
 
-def resume_from_checkpoint(trainer: Trainer) -> tuple[str | None, int]:
-    """Load the newest valid checkpoint, if any; returns (tag, step)."""
-    path = ckpt.select_resume_checkpoint(trainer.run_dir, trainer.info.rank, trainer.info.world_size)
+def resume_from_checkpoint(trainer: Trainer, plan: ResumePlan | None = None) -> tuple[str | None, int]:
+    """Load the newest valid checkpoint, if any (`plan`: the one `worker.elastic.plan_resume`
+    chose, resharded for this topology); returns (tag of the checkpoint chosen, step)."""
+    if plan is None:
+        path = ckpt.select_resume_checkpoint(trainer.run_dir, trainer.info.rank, trainer.info.world_size)
+    else:
+        path = plan.path
     if path is None:
         return None, 0
     state = ckpt.load_checkpoint(trainer.engine, path)
     trainer.step = int(state["step"])
+    if plan is not None and plan.changed:
+        plan.experts_by_rank = _gather(trainer.info, verify_loaded(trainer.engine, path))
+        logger.info(
+            "every rank loaded its own experts (bitwise the expert files; fp32 masters match): %s",
+            ", ".join(f"rank {r}: {ids}" for r, ids in enumerate(plan.experts_by_rank)),
+        )
+        path = plan.source or path
     if int(state.get("world_size", trainer.info.world_size)) != trainer.info.world_size:
         logger.warning(
             "checkpoint %s was written by %s ranks, this run has %d", path.name, state.get("world_size"),
@@ -104,6 +128,16 @@ def resume_from_checkpoint(trainer: Trainer) -> tuple[str | None, int]:
         )
     logger.info("resumed from %s at step %d", path.name, trainer.step)
     return path.name, trainer.step
+
+
+def _gather(info: DistInfo, value: list[int]) -> list[list[int]]:
+    import torch.distributed as dist
+
+    if info.world_size == 1:
+        return [value]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, value)
+    return [list(v) for v in out]
 
 
 def fit_world(cfg: RunConfig, info: DistInfo) -> RunConfig:

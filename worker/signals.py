@@ -22,6 +22,11 @@ Fault hooks for tests (`MOE_ORCH_FAULT`, comma-separated; every rank acts on the
 - `hold_save:S`: sleep S seconds inside every save, after DeepSpeed has written its files into
   the temporary folder but before the manifest (a kill then leaves an incomplete checkpoint).
 - `exit_without_progress`: exit with code 1 before the first step, writing no `exit` event.
+- `hang_at_step:N:R` / `hang_at_step:N:R:collective`: rank R stops for good before step N (N
+  counts from the run's start), outside any collective, or inside one that no other rank joins;
+  once per run (not when events.jsonl already has a `hang` event), so the resumed attempt trains
+  on. The stall watchdog (worker.heartbeat, worker.hang) is what ends it.
+- `slow_rank:R:F`: rank R takes F times as long for each step's compute (a straggler).
 """
 
 from __future__ import annotations
@@ -62,6 +67,11 @@ class Faults:
     crash_at_step: int | None = None
     hold_save_s: float = 0.0
     exit_without_progress: bool = False
+    hang_at_step: int | None = None
+    hang_rank: int = 0
+    hang_in_collective: bool = False
+    slow_rank: int | None = None
+    slow_factor: float = 1.0
 
     @classmethod
     def parse(cls, spec: str | None) -> Faults:
@@ -79,10 +89,18 @@ class Faults:
                 faults.hold_save_s = float(arg)
             elif name == "exit_without_progress":
                 faults.exit_without_progress = True
+            elif name == "hang_at_step" and arg:
+                parts = arg.split(":")
+                faults.hang_at_step = int(parts[0])
+                faults.hang_rank = int(parts[1]) if len(parts) > 1 else 0
+                faults.hang_in_collective = len(parts) > 2 and parts[2] == "collective"
+            elif name == "slow_rank" and arg:
+                rank, _, factor = arg.partition(":")
+                faults.slow_rank, faults.slow_factor = int(rank), float(factor or 2.0)
             else:
                 raise ValueError(
                     f"MOE_ORCH_FAULT: unknown hook {item!r}; use crash_at_start, crash_at_step:N, "
-                    "hold_save:S or exit_without_progress"
+                    "hold_save:S, exit_without_progress, hang_at_step:N:R[:collective] or slow_rank:R:F"
                 )
         return faults
 

@@ -28,6 +28,7 @@ def stop_on_signal(trainer: Trainer, signal_name: str, last_saved: int) -> int:
     trainer.reporter.event("signal", signal=signal_name, step=trainer.step)
     if last_saved != trainer.step:
         trainer.save()
+    trainer.enter("stopping")
     requeued = False
     if trainer.info.is_main:
         job = running_job(trainer.info)
@@ -36,7 +37,9 @@ def stop_on_signal(trainer: Trainer, signal_name: str, last_saved: int) -> int:
             reason = StopReason.CANCELLED
         elif trainer.cfg.cluster.requeue:
             requeued = job.requeue()
-        trainer.reporter.event("exit", reason=reason, step=trainer.step, requeued=requeued, error=None)
+        trainer.reporter.event(
+            "exit", reason=reason, step=trainer.step, requeued=requeued, error=None, **trainer.exit_fields()
+        )
         logger.warning("stopped at step %d (%s), requeued: %s", trainer.step, reason, requeued)
     trainer.reporter.close()
     trainer.barrier()  # leave together: no rank exits while rank 0 still reports or requeues

@@ -11,6 +11,7 @@ The step arithmetic (LR schedule, per-micro-batch seeds, data position) is in wo
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -19,10 +20,14 @@ from typing import Any
 from orchestrator.errors import ExitWithoutProgress, InjectedFault
 from orchestrator.redact import redact
 from orchestrator.rundir.exitcodes import EXIT_COMPLETED
-from orchestrator.rundir.reports import read_progress
+from orchestrator.rundir.reports import read_events, read_progress
 from orchestrator.rundir.runs import StopReason
+from orchestrator.spec.launch import collective_timeout_from_env
 from orchestrator.spec.schema import RunConfig
 from worker.dist import DistInfo, init_distributed, resolve_dist
+from worker.elastic import plan_resume
+from worker.hang import handle_stall, report_stragglers
+from worker.heartbeat import Pulse, Watchdog
 from worker.loop import Trainer, peak_rss_mb
 from worker.metrics import Reporter
 from worker.setup import fit_world, resume_from_checkpoint, setup_trainer
@@ -42,21 +47,45 @@ def run(cfg: RunConfig, run_dir: str | Path, *, info: DistInfo | None = None) ->
     signals = SignalState()
     signals.install()
     info = info or resolve_dist(os.environ, master_port=cfg.cluster.master_port)
+    if faults.hang_at_step is not None and any(e.get("event") == "hang" for e in read_events(run_path)):
+        faults.hang_at_step = None  # the injected hang happens once per run
+    pulse = Pulse(
+        rank=info.rank, attempt_key=info.attempt_key, configured_limit_s=cfg.cluster.stall_timeout_s
+    )
+    watchdog = Watchdog(
+        pulse, run_path, heartbeat_s=cfg.cluster.heartbeat_s,
+        on_stall=functools.partial(handle_stall, run_path, info, cfg.cluster),
+        on_beat=functools.partial(report_stragglers, run_path, cfg.cluster) if info.is_main else None,
+    )  # fmt: skip
+    watchdog.start()
     use_gpu = cfg.cluster.gpus_per_node > 0
-    init_distributed(info, num_threads=cfg.training.num_threads or cfg.cluster.cpus_per_task, use_gpu=use_gpu)
+    # NOTE: NCCL collectives time out as the job script says (orchestrator/spec/launch.py).
+    timeout_s = collective_timeout_from_env(os.environ, cfg) if use_gpu else None
+    init_distributed(
+        info, num_threads=cfg.training.num_threads or cfg.cluster.cpus_per_task, use_gpu=use_gpu,
+        timeout_s=timeout_s,
+    )
     reporter: Reporter | None = None
     trainer: Trainer | None = None
     try:
         cfg = fit_world(cfg, info)
+        plan = plan_resume(cfg, run_path, info)  # reshards a checkpoint of another topology
+        cfg = plan.cfg
         trainer = setup_trainer(cfg, run_path, info, signals, faults)
+        trainer.pulse = pulse
+        if faults.hang_in_collective and info.world_size > 1:
+            import torch.distributed as tdist
+
+            trainer.fault_group = tdist.new_group(backend="gloo")
         reporter = trainer.reporter
         previous = read_progress(run_path) if info.is_main else None
-        tag, resumed_step = resume_from_checkpoint(trainer)
+        tag, resumed_step = resume_from_checkpoint(trainer, plan)
         redone = max(0, int(previous["step"]) - resumed_step) if previous else 0
         reporter.event(
             "start", job_id=info.job_id, restart=info.restart_count, attempt_key=info.attempt_key,
             nodes=info.nodes, world_size=info.world_size, resumed_from=tag, resumed_step=resumed_step,
-            steps_redone=redone,
+            steps_redone=redone, launched=round(pulse.launched, 3), heartbeat_s=cfg.cluster.heartbeat_s,
+            topology_change=plan.event(),
         )
         logger.info(
             "training %s: %d ranks (%s), steps %d -> %d, global batch %d",
@@ -68,6 +97,11 @@ def run(cfg: RunConfig, run_dir: str | Path, *, info: DistInfo | None = None) ->
             logger.error("MOE_ORCH_FAULT exit_without_progress: leaving before the first step")
             raise ExitWithoutProgress(1)
         code = trainer.train()
+        if info.is_main and code == EXIT_COMPLETED:
+            from orchestrator.rundir import goodput
+
+            for line in goodput.summary_lines(goodput.from_run_dir(run_path)[0]):
+                logger.info("%s", line)  # the run's summary over all its attempts (docs/design.md)
         rss = peak_rss_mb()
         import torch.distributed as dist
 
@@ -82,8 +116,16 @@ def run(cfg: RunConfig, run_dir: str | Path, *, info: DistInfo | None = None) ->
             trainer.barrier()
         # NOTE: the orchestrator's submitit job calls this in-process; leave no process group behind.
         dist.destroy_process_group()
+        watchdog.stop()
         return code
     except Exception as exc:
+        pulse.failed(redact(f"{type(exc).__name__}: {exc}"))
+        watchdog.stop()  # the last heartbeat names this rank's error and when (first failure)
+        if watchdog.fired:
+            # NOTE: the hang report ended the attempt (worker.hang); this error is its consequence
+            # (a peer left the collective this rank was blocked in), not a second ending.
+            logger.error("after the hang: %s", redact(f"{type(exc).__name__}: {exc}"))
+            raise
         if info.is_main:
             failed = reporter or Reporter(
                 run_path, enabled=True, attempt_key=info.attempt_key, tensorboard=False
@@ -92,6 +134,7 @@ def run(cfg: RunConfig, run_dir: str | Path, *, info: DistInfo | None = None) ->
                 failed.event(
                     "exit", reason=StopReason.FAILED, step=trainer.step if trainer else 0, requeued=False,
                     error=redact(f"{type(exc).__name__}: {exc}"),  # `status` shows it: no credentials
+                    ledger=pulse.ledger_now(), train_s=round(pulse.train_s, 3),
                 )
             except OSError:
                 logger.exception("could not write the exit event")

@@ -77,6 +77,13 @@ class Backend(Protocol):
     def unhealthy_nodes(self, nodes: Sequence[str]) -> list[str]:
         """Those of `nodes` the scheduler reports down or failing (excluded from the next attempt)."""
 
+    def node_pool(self, partition: str | None) -> dict[str, str]:
+        """The partition's nodes and their states ({} where there is no pool to choose from)."""
+
+    def kill(self, job_id: str) -> None:
+        """End a frozen job now: SIGKILL to every process (a stopped process cannot save, and a
+        SIGTERM it only sees once thawed would read as a cancellation)."""
+
     def env_withheld(self, names: Sequence[str], environ: Mapping[str, str]) -> list[str]:
         """Those of `names` (`cluster.env_passthrough`, all set in `environ`) that a job submitted
         from `environ` would still not receive (SLURM: an `SBATCH_EXPORT` list without them)."""
@@ -94,3 +101,7 @@ class RunningJob(Protocol):
 
     def term_is_cancellation(self) -> bool:
         """Whether the SIGTERM this job got cancels it (so it must not be requeued)."""
+
+    def exclude_next(self, hosts: Sequence[str], nodes_needed: int) -> str:
+        """Keep `hosts` out of the job's next run (after a requeue) when enough other nodes remain
+        for `nodes_needed`; returns a sentence saying what was done, or why not."""

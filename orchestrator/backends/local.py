@@ -54,6 +54,27 @@ def controller_alive(jid: str) -> bool:
     return state not in ("Z", "X") and "submitit" in cmdline
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children first found, by walking /proc's parent pids)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def local_alive(job_ids: Iterable[str]) -> dict[str, bool]:
     """Whether each local job's controller (pid = job id) is alive and is submitit's."""
     return {jid: controller_alive(jid) for jid in job_ids}
@@ -148,6 +169,18 @@ class LocalBackend:
     def unhealthy_nodes(self, nodes: Sequence[str]) -> list[str]:
         return []  # this machine is the only node
 
+    def node_pool(self, partition: str | None) -> dict[str, str]:
+        return {}
+
+    def kill(self, job_id: str) -> None:
+        if not controller_alive(job_id):
+            return
+        for pid in [*descendants(int(job_id)), int(job_id)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def env_withheld(self, names: Sequence[str], environ: Mapping[str, str]) -> list[str]:
         return []  # submitit's local controller and its tasks inherit the submitting environment
 
@@ -176,3 +209,6 @@ class LocalRunningJob:
 
     def term_is_cancellation(self) -> bool:
         return False  # `moe-orch cancel` says so in run.json; a bare SIGTERM is a stop to save at
+
+    def exclude_next(self, hosts: Sequence[str], nodes_needed: int) -> str:
+        return "one machine (local executor): the next attempt runs on the same node"

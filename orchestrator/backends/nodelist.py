@@ -1,7 +1,8 @@
 """SLURM host lists (`n[1-4]`, `gpu-[01-03,07]`, `a,b`, `rack[1-2]-n[1-2]`) expanded to node names.
 
 The same expansion `scontrol show hostnames` does, without calling SLURM, so `render --nodelist`
-works on a laptop and tests need no cluster.
+works on a laptop and tests need no cluster; and `plan_exclusion`, which nodes to keep out of a
+next attempt (after a hang or a straggler) while enough remain for the job.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+from collections.abc import Mapping, Sequence
 
 from orchestrator.errors import ConfigError, ConfigIssue
 
@@ -99,3 +101,24 @@ def expand_nodelist(spec: str) -> list[str]:
         if len(names) > MAX_NODES:
             raise _fail(spec, f"more than {MAX_NODES} nodes")
     return list(dict.fromkeys(names))
+
+
+UNUSABLE_NODE_STATES = ("down", "drain", "fail", "maint", "reboot", "unknown", "not_responding", "future")
+"""`sinfo %T` states (prefixes, lower case) of nodes no job can get."""
+
+
+def plan_exclusion(
+    hosts: Sequence[str], pool: Mapping[str, str], excluded: Sequence[str], nodes_needed: int
+) -> tuple[list[str] | None, str]:
+    """Whether to keep `hosts` out of the next run: the new `--exclude` list (None: keep it as it
+    is), and the sentence that says so. `pool` is the partition's nodes and their `sinfo` states."""
+    usable = [n for n, state in pool.items() if not state.lower().startswith(UNUSABLE_NODE_STATES)]
+    remaining = [n for n in usable if n not in hosts and n not in excluded]
+    names = ",".join(hosts)
+    if len(remaining) < nodes_needed:
+        return None, (
+            f"retrying on the same nodes: excluding {names} would leave {len(remaining)} usable node(s) "
+            f"in the partition, and the job needs {nodes_needed}"
+        )
+    new = sorted({*excluded, *hosts})
+    return new, f"excluded {names} from the next run ({len(remaining)} other usable node(s) remain)"

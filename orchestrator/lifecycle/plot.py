@@ -2,7 +2,9 @@
 
 Panels: train and eval loss; tokens/s; expert load per MoE layer over steps (share of tokens per
 expert, one line per expert); a heatmap of expert_label x expert (share of each label's tokens
-whose first choice is each expert, averaged over the logged steps). matplotlib (Agg) is imported
+whose first choice is each expert, averaged over the logged steps); the label/expert mutual
+information per MoE layer in bits (`routing_mi_bits`, dashed: answer tokens only, dotted: its
+ceiling log2(min(labels, experts))). matplotlib (Agg) is imported
 inside `plot_run`, so the CLI starts fast.
 """
 
@@ -32,6 +34,10 @@ class Series:
     # label -> summed shares and count, for the mean
     label_sum: dict[str, list[float]] = field(default_factory=dict)
     label_n: dict[str, int] = field(default_factory=dict)
+    # layer -> (steps, MI in bits), on real tokens and on answer tokens; the ceiling
+    mi: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+    mi_answer: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+    mi_max: float | None = None
 
     def label_matrix(self) -> tuple[list[str], list[list[float]]]:
         labels = sorted(self.label_sum)
@@ -69,6 +75,13 @@ def metric_series(run_dir: Path) -> Series:
             steps, values = s.expert_load.setdefault(str(layer), ([], []))
             steps.append(step)
             values.append([float(x) for x in shares])
+        for key, series in (("routing_mi_bits", s.mi), ("routing_mi_answer_bits", s.mi_answer)):
+            for layer, bits in (rec.get(key) or {}).items():
+                mi_steps, mi_values = series.setdefault(str(layer), ([], []))
+                mi_steps.append(step)
+                mi_values.append(float(bits))
+        if isinstance(rec.get("routing_mi_max_bits"), (int, float)):
+            s.mi_max = float(rec["routing_mi_max_bits"])
         for label, shares in (rec.get("label_routing") or {}).items():
             acc = s.label_sum.setdefault(str(label), [0.0] * len(shares))
             if len(acc) == len(shares):
@@ -82,6 +95,28 @@ def metric_series(run_dir: Path) -> Series:
     return s
 
 
+def _goodput_panel(ax: Any, run_dir: Path) -> None:
+    """One horizontal bar per attempt: its allocated rank-seconds split into the goodput parts."""
+    from orchestrator.rundir import goodput
+
+    total, per = goodput.from_run_dir(run_dir)
+    if total.allocated_s <= 0:
+        ax.text(0.5, 0.5, "no attempt with a start event", ha="center", va="center")
+        ax.set_axis_off()
+        return
+    names = [p for p in goodput.PARTS if any(abs(getattr(g, p)) > 0 for _, g in per)]
+    left = [0.0] * len(per)
+    for n, part in enumerate(names):
+        widths = [max(0.0, getattr(g, part)) for _, g in per]
+        ax.barh(range(len(per)), widths, left=left, color=f"C{n}", label=part.removesuffix("_s"))
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    ax.set_yticks(range(len(per)), [key for key, _ in per])
+    ax.invert_yaxis()
+    ax.set_xlabel("rank-seconds")
+    ax.set_title(f"goodput {100 * (total.goodput or 0):.1f}% (per attempt)")
+    ax.legend(fontsize="small")
+
+
 def plot_run(run_dir: Path, out: Path, *, title: str | None = None) -> Path:
     """Write the figure to `out` (PNG); returns the path."""
     import matplotlib
@@ -91,7 +126,7 @@ def plot_run(run_dir: Path, out: Path, *, title: str | None = None) -> Path:
 
     s = metric_series(run_dir)
     layers = sorted(s.expert_load, key=lambda x: (len(x), x))
-    n_panels = 3 + len(layers)
+    n_panels = 5 + len(layers)
     cols = 2
     rows = (n_panels + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(11, 3.4 * rows), squeeze=False)
@@ -129,7 +164,24 @@ def plot_run(run_dir: Path, out: Path, *, title: str | None = None) -> Path:
     else:
         ax.text(0.5, 0.5, "no label_routing in metrics", ha="center", va="center")
         ax.set_axis_off()
-    for extra in flat[3 + len(layers) :]:
+    ax = flat[3 + len(layers)]
+    if s.mi:
+        for n, layer in enumerate(sorted(s.mi, key=lambda x: (len(x), x))):
+            color = f"C{n}"
+            ax.plot(*s.mi[layer], color=color, label=f"layer {layer}")
+            if layer in s.mi_answer:
+                ax.plot(*s.mi_answer[layer], "--", color=color, label=f"layer {layer}, answer tokens")
+        if s.mi_max is not None:
+            ax.axhline(s.mi_max, linestyle=":", color="grey", label="maximum")
+        ax.set_title("routing MI: expert_label ; top-1 expert")
+        ax.set_xlabel("step")
+        ax.set_ylabel("bits")
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no routing_mi_bits in metrics", ha="center", va="center")
+        ax.set_axis_off()
+    _goodput_panel(flat[4 + len(layers)], run_dir)
+    for extra in flat[5 + len(layers) :]:
         extra.set_axis_off()
     fig.suptitle(title or run_dir.name)
     fig.tight_layout()

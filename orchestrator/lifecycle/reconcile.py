@@ -9,7 +9,7 @@ Sources, in order of trust:
    NODE_FAIL, OUT_OF_MEMORY, PREEMPTED without a signal, a job lost from both), and srun's reports
    of the rank that ended first; submitit's local executor (`backends/local.py`): the controller's pid.
 
-Budgets (`cluster.max_failures`, `max_preemptions`, `max_attempts_without_progress`) decide
+Budgets (`cluster.max_failures`, `max_preemptions`, `max_hangs`, `max_attempts_without_progress`) decide
 whether a run whose last attempt stopped without a requeue is `stopped` (watch/resume may
 resubmit it) or `failed`.
 """
@@ -33,6 +33,7 @@ class Budgets:
     max_failures: int = 3
     max_preemptions: int | None = None
     max_attempts_without_progress: int = 3
+    max_hangs: int = 2
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> Budgets:
@@ -42,6 +43,7 @@ class Budgets:
             max_failures=int(data.get("max_failures", 3)),
             max_preemptions=None if data.get("max_preemptions") is None else int(data["max_preemptions"]),
             max_attempts_without_progress=int(data.get("max_attempts_without_progress", 3)),
+            max_hangs=int(data.get("max_hangs", 2)),
         )
 
 
@@ -112,7 +114,16 @@ def apply_events(
             _bump_step(cur, ev.get("step"))
         elif kind in ("checkpoint", "signal"):
             _bump_step(cur, ev.get("step"))
+        elif kind == "hang":
+            keep = ("detected_by", "step", "hang_s", "stall_limit_s", "summary", "suspects", "waiting")
+            cur.hang = {k: ev.get(k) for k in (*keep, "note")}
+        elif kind == "straggler":
+            entry = {k: ev.get(k) for k in ("rank", "host", "factor", "step")}
+            if all(s.get("rank") != entry["rank"] for s in cur.stragglers):
+                cur.stragglers.append(entry)
         elif kind == "exit":
+            if cur.stop_reason == StopReason.HUNG and cur.state == AttemptState.ENDED:
+                continue  # a rank's error after the hang report is its consequence, not the reason
             cur.state = AttemptState.ENDED
             cur.ended = when
             cur.stop_reason = StopReason.parse(ev.get("reason") or StopReason.FAILED)
@@ -146,6 +157,7 @@ class BudgetVerdict:
 def check_budgets(attempts: list[Attempt], budgets: Budgets) -> BudgetVerdict:
     ended = [a for a in attempts if a.state == AttemptState.ENDED]
     failures = sum(1 for a in ended if a.stop_reason in runs.FAILURE_REASONS)
+    hangs = sum(1 for a in ended if a.stop_reason == StopReason.HUNG)
     preemptions = sum(1 for a in ended if a.stop_reason in runs.PREEMPTION_REASONS)
     best = 0  # step 0: nothing trained yet
     streak = 0
@@ -158,6 +170,9 @@ def check_budgets(attempts: list[Attempt], budgets: Budgets) -> BudgetVerdict:
             streak += 1
     if failures > budgets.max_failures:
         why = f"{failures} failed attempts, more than cluster.max_failures={budgets.max_failures}"
+        return BudgetVerdict(True, why, failures, preemptions, streak)
+    if hangs > budgets.max_hangs:
+        why = f"{hangs} hung attempts, more than cluster.max_hangs={budgets.max_hangs}"
         return BudgetVerdict(True, why, failures, preemptions, streak)
     if budgets.max_preemptions is not None and preemptions > budgets.max_preemptions:
         why = (

@@ -18,7 +18,7 @@ from typing import Any
 from orchestrator.backends import Backend, Observation, backend_for
 from orchestrator.lifecycle.reconcile import Budgets, reconcile
 from orchestrator.redact import redact, redact_values
-from orchestrator.rundir import checkpoints, reports, runs
+from orchestrator.rundir import checkpoints, goodput, heartbeats, reports, runs
 from orchestrator.rundir.runs import AttemptState, RunRecord, RunState, StopReason
 
 logger = logging.getLogger(__name__)
@@ -206,14 +206,68 @@ def latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
     return {"tag": found.name, "step": manifest.get("step") if manifest else None, "path": str(found)}
 
 
+def routing_mi(run_dir: Path) -> dict[str, Any] | None:
+    """The newest logged label/expert mutual information (`routing_mi_bits` in metrics.jsonl) as
+    {step, max_bits, bits: {layer: MI}, answer_bits: {layer: MI}}; None before one is logged."""
+    for rec in reversed(reports.read_metrics(run_dir)):
+        if isinstance(rec.get("routing_mi_bits"), dict) and rec["routing_mi_bits"]:
+            return {
+                "step": rec.get("step"),
+                "max_bits": rec.get("routing_mi_max_bits"),
+                "bits": rec["routing_mi_bits"],
+                "answer_bits": rec.get("routing_mi_answer_bits") or {},
+            }
+    return None
+
+
+def routing_mi_line(mi: dict[str, Any]) -> str:
+    """`  routing MI (expert_label; top-1 expert), step 600: layer 0 0.41, layer 1 0.37 of 2 bits
+    (answer tokens 0.52, 0.44)`"""
+    layers = sorted(mi["bits"], key=lambda x: (len(x), x))
+    every = ", ".join(f"layer {k} {float(mi['bits'][k]):.2f}" for k in layers)
+    answer = ", ".join(f"{float(mi['answer_bits'][k]):.2f}" for k in layers if k in mi["answer_bits"])
+    top = mi.get("max_bits")
+    ceiling = f" of {float(top):g} bits" if isinstance(top, (int, float)) else " bits"
+    return f"  routing MI (expert_label; top-1 expert), step {mi['step']}: {every}{ceiling}" + (
+        f" (answer tokens {answer})" if answer else ""
+    )
+
+
 def run_detail(view: RunView) -> dict[str, Any]:
     """`status RUN`: the record plus latest valid checkpoint and progress (also `--json`), every
     string redacted (an error or state reason may quote a URL with credentials)."""
     data = view.record.to_dict()
     data["progress"] = view.progress
     data["latest_checkpoint"] = latest_checkpoint(view.run_dir)
+    data.update(health(view))
+    data["routing_mi"] = routing_mi(view.run_dir)
     detail: dict[str, Any] = redact_values(data)
     return detail
+
+
+def health(view: RunView, now: float | None = None) -> dict[str, Any]:
+    """`status RUN`'s goodput (docs/design.md, "Goodput"), and for a running attempt its ranks as
+    their heartbeats show them (phase, step, seconds since progress) and its stragglers."""
+    rec, stamp = view.record, now if now is not None else time.time()
+    submitted = {a.attempt_key: a.submitted for a in rec.attempts if a.attempt_key and a.submitted}
+    incomplete = rec.final and rec.state != RunState.COMPLETED
+    total, per = goodput.from_run_dir(view.run_dir, submitted=submitted, run_ended_incomplete=incomplete)
+    number = {a.attempt_key: a.number for a in rec.attempts}
+    out: dict[str, Any] = {
+        "goodput": {
+            **total.to_dict(),
+            "attempts": [{"attempt": number.get(key), "attempt_key": key, **g.to_dict()} for key, g in per],
+        },
+        "ranks": [],
+        "stragglers": [],
+    }
+    cur = rec.current
+    if cur is not None and cur.attempt_key and cur.state == AttemptState.RUNNING:
+        beats = heartbeats.read_heartbeats(view.run_dir, cur.attempt_key)
+        out["ranks"] = [r.to_dict() for r in heartbeats.rank_states(beats, stamp)]
+        factor = float(rec.budgets.get("straggler_factor", 1.5))
+        out["stragglers"] = [s.to_dict() for s in heartbeats.stragglers(beats, factor)]
+    return out
 
 
 def detail_lines(detail: dict[str, Any]) -> list[str]:
@@ -223,6 +277,8 @@ def detail_lines(detail: dict[str, Any]) -> list[str]:
     ckpt = detail.get("latest_checkpoint")
     where = f"{ckpt['tag']} (step {ckpt['step']})" if isinstance(ckpt, dict) else "none"
     lines.append(f"  latest valid checkpoint: {where}")
+    if isinstance(detail.get("routing_mi"), dict):
+        lines.append(routing_mi_line(detail["routing_mi"]))
     for att in detail.get("attempts", []):
         nodes = ",".join(att["nodes"]) or "-"
         sched = att["slurm_state"] or "-"
@@ -241,4 +297,31 @@ def detail_lines(detail: dict[str, Any]) -> list[str]:
             lines.append(f"      note: {att['note']}")
         if att.get("error"):
             lines.append(f"      error: {att['error']}")
+        hang = att.get("hang")
+        if hang:
+            lines.append(
+                f"      hang: detected by {hang.get('detected_by')} {hang.get('hang_s')} s after the last "
+                f"progress (limit {hang.get('stall_limit_s')} s): {hang.get('summary')}"
+            )
+            if hang.get("note"):
+                lines.append(f"      hang note: {hang['note']}")
+        for slow in att.get("stragglers") or []:
+            lines.append(
+                f"      straggler: rank {slow['rank']} on {slow['host']}, {slow['factor']}x the others"
+            )
+    for r in detail.get("ranks") or []:
+        lines.append(
+            f"  rank {r['rank']} on {r['host']}: step {r['step']}, {r['phase']}, "
+            f"{r['idle_s']:.0f} s since progress, heartbeat {r['silent_s']:.0f} s ago"
+        )
+    for slow in detail.get("stragglers") or []:
+        lines.append(
+            f"  straggler now: rank {slow['rank']} on {slow['host']}: "
+            f"{slow['factor']}x the others' compute per step"
+        )
+    good = detail.get("goodput")
+    if isinstance(good, dict) and good.get("allocated_s"):
+        lines += ["  " + line for line in goodput.summary_lines(goodput.Goodput(**{
+            k: v for k, v in good.items() if k in goodput.Goodput.__dataclass_fields__
+        }))]  # fmt: skip
     return lines

@@ -72,10 +72,9 @@ def job_env(cfg: RunConfig) -> dict[str, str]:
     It is pickled with the job (`logs/<job>_submitted.pkl`), so it holds `cluster.env` only, never
     `cluster.env_passthrough`: those reach the ranks through the process environment.
     """
-    env: dict[str, str] = {}
-    if cfg.cpu_only:
-        env["DS_ACCELERATOR"] = "cpu"
-        env["OMP_NUM_THREADS"] = str(cfg.training.num_threads or cfg.cluster.cpus_per_task)
+    from orchestrator.spec.launch import job_env_defaults
+
+    env = job_env_defaults(cfg)  # as sbatch.sh exports them
     env.update(cfg.cluster.env)
     return env
 
@@ -200,6 +199,9 @@ def create_run(
             "max_failures": c.max_failures,
             "max_preemptions": c.max_preemptions,
             "max_attempts_without_progress": c.max_attempts_without_progress,
+            "max_hangs": c.max_hangs,
+            "exclude_stragglers": c.exclude_stragglers,
+            "straggler_factor": c.straggler_factor,
         },
     )
     runs.write_run(run_dir, record)

@@ -61,6 +61,7 @@ class Summary:
     gpu_mem_gb: float | None
     warnings: list[str] = field(default_factory=list)
     env_passthrough: list[str] = field(default_factory=list)  # names only, never values
+    topology_change: list[str] = field(default_factory=list)  # vs `--run`'s checkpoints (spec/topology.py)
 
 
 def _warn_unknown_architecture(cfg: RunConfig) -> list[str]:
@@ -89,6 +90,15 @@ def _warn_memory_tight(cfg: RunConfig) -> list[str]:
     ]
 
 
+def _warn_bf16_on_cpu(cfg: RunConfig) -> list[str]:
+    if not (cfg.cpu_only and cfg.training.precision == "bf16"):
+        return []
+    return [
+        "training.bf16_on_cpu trains bf16 on CPUs, 2-4x slower than fp32: meant for tests of the bf16 "
+        "path, not for real runs"
+    ]
+
+
 def _warn_passthrough_unset(cfg: RunConfig) -> list[str]:
     missing = missing_names(cfg.cluster.env_passthrough, os.environ)
     if not missing:
@@ -108,6 +118,7 @@ WARNING_CHECKS: list[WarningCheck] = [
     _warn_unknown_architecture,
     _warn_gpu_mem_unset,
     _warn_memory_tight,
+    _warn_bf16_on_cpu,
     _warn_passthrough_unset,
     _warn_scheduler,
 ]
@@ -294,7 +305,34 @@ def validate_file(
     (RunHomeError: rundir/access.py)."""
     cfg = load_config(spec, list(overrides))
     access.check_home(runs_home(home), HomeMode.configured())
-    return validate(cfg, check_data=check_data, history=history_runs(cfg, home=home, run_dir=run_dir))
+    summary = validate(cfg, check_data=check_data, history=history_runs(cfg, home=home, run_dir=run_dir))
+    if run_dir is not None:
+        summary.topology_change, warnings = topology_change(cfg, run_dir)
+        summary.warnings += warnings
+    return summary
+
+
+def topology_change(cfg: RunConfig, run_dir: Path) -> tuple[list[str], list[str]]:
+    """What resuming `run_dir` with `cfg` implies when the ranks or ep_size differ from the run's
+    config (run.yaml): (lines to show, warnings). ConfigError when the run cannot continue so."""
+    from orchestrator.spec.loading import load_resolved
+    from orchestrator.spec.topology import Topology, change_lines, target_topology
+
+    if not (run_dir / "run.yaml").is_file():
+        return [], []
+    old = Topology.of(load_resolved(run_dir / "run.yaml"))
+    here = Topology.of(cfg)
+    if old.same_layout(here):
+        return [], []
+    new = target_topology(old, world_size=cfg.world_size, ep_size=cfg.ep_size, where="nodes x tasks_per_node")
+    warnings = []
+    if here.gradient_accumulation_steps != new.gradient_accumulation_steps:
+        warnings.append(
+            f"training.gradient_accumulation_steps {here.gradient_accumulation_steps} gives a global batch "
+            f"of {here.global_batch_size}, not the run's {old.global_batch_size}; the worker sets it to "
+            f"{new.gradient_accumulation_steps} when it resumes (set it so to silence this)"
+        )
+    return change_lines(old, new), warnings
 
 
 # --- plain-text rendering -------------------------------------------------------------------------
@@ -353,6 +391,8 @@ def summary_rows(s: Summary) -> list[tuple[str, str]]:
     ]
     if s.env_passthrough:
         rows.append(("env passthrough", ", ".join(s.env_passthrough)))  # names only, never values
+    for i, line in enumerate(s.topology_change):
+        rows.append(("topology change" if i == 0 else "", line))
     if s.params is not None:
         p = s.params
         rows += [

@@ -6,7 +6,10 @@ crash, a job gone from squeue without an exit event. `watch` finds those (state 
 `reconcile`) and resubmits them as a new job of the same run, within the budgets:
 `cluster.max_failures`, `cluster.max_preemptions` and `cluster.max_attempts_without_progress`
 (crash loop). Nodes that failed an attempt (NODE_FAIL, and `sinfo` says they are down) go to the
-next attempt's `--exclude` (the backend's `unhealthy_nodes`). A cancelled run never comes back.
+next attempt's `--exclude` (the backend's `unhealthy_nodes`), and so do a hung attempt's suspects
+when enough nodes remain (lifecycle.hangs). A running attempt whose every rank's heartbeat went
+silent is frozen: `watch` records it `hung`, kills it and resubmits it (lifecycle.hangs). A
+cancelled run never comes back.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from orchestrator.backends import backend_for
 from orchestrator.errors import SubmissionError
+from orchestrator.lifecycle.hangs import end_frozen_attempt, frozen_attempt, nodes_to_exclude
 from orchestrator.lifecycle.reconcile import Budgets, check_budgets
 from orchestrator.lifecycle.status import RunView, poll
 from orchestrator.rundir import runs
@@ -57,6 +61,8 @@ def resume(run_dir: Path, *, note: str | None = None, force: bool = True) -> Run
     if rec.state == RunState.FAILED and not force:
         raise SubmissionError(f"run {rec.run_id} failed: {rec.state_reason}")
     bad = _failed_nodes(rec)
+    suspects, decision = nodes_to_exclude(run_dir, rec)
+    bad += [n for n in suspects if n not in bad]
     reason = f"attempt {cur.number} {cur.stop_reason}" if cur else "no attempt"
 
     def _prepare(r: RunRecord) -> None:
@@ -68,7 +74,9 @@ def resume(run_dir: Path, *, note: str | None = None, force: bool = True) -> Run
     runs.update_run(run_dir, _prepare)
     why = note or f"resumed by hand after {reason}"
     if bad:
-        why += f"; excluding failed node(s) {','.join(bad)}"
+        why += f"; excluding node(s) {','.join(bad)}"
+    if decision:
+        why += f" ({decision})"
     resubmit(run_dir, note=why)
     return runs.read_run(run_dir)
 
@@ -76,6 +84,10 @@ def resume(run_dir: Path, *, note: str | None = None, force: bool = True) -> Run
 def act(view: RunView, echo: Echo) -> str | None:
     """What `watch` does for one refreshed run; returns a line describing the action, if any."""
     rec = view.record
+    if rec.state == RunState.RUNNING:
+        frozen = frozen_attempt(view)
+        if frozen is not None:
+            return end_frozen_attempt(view, frozen)
     if rec.state == RunState.STOPPED:
         cur = rec.current
         reason = f"attempt {cur.number} {cur.stop_reason}" if cur else RunState.STOPPED.value

@@ -23,6 +23,7 @@ from orchestrator.backends.nodelist import expand_nodelist
 from orchestrator.errors import ConfigError, ConfigIssue, MoeOrchError
 from orchestrator.packaged import packaged_dir
 from orchestrator.spec.deepspeed import deepspeed_config
+from orchestrator.spec.launch import job_env_defaults
 from orchestrator.spec.loading import dump_config
 from orchestrator.spec.schema import RunConfig
 
@@ -43,6 +44,8 @@ _OWN_SBATCH_KEYS = {
     "nodes": "cluster.nodes",
     "ntasks-per-node": "cluster.tasks_per_node",
     "gpus-per-node": "cluster.gpus_per_node",
+    "gpus": "cluster.gpus_per_node",
+    "gpus-per-task": "cluster.gpus_per_node",
     "cpus-per-task": "cluster.cpus_per_task",
     "mem": "cluster.mem_gb",
     "time": "cluster.time_min",
@@ -104,7 +107,9 @@ def sbatch_options(cfg: RunConfig, run_dir: Path) -> list[tuple[str, str]]:
         ("nodes", str(c.nodes), "cluster.nodes"),
         ("ntasks-per-node", str(c.tasks_per_node), "cluster.tasks_per_node"),
     ]
-    if c.gpus_per_node > 0:
+    if c.gpus_per_node > 0 and c.gpu_request == "gres":
+        opts.append(("gres", f"gpu:{c.gpus_per_node}", "cluster.gpus_per_node"))
+    elif c.gpus_per_node > 0:
         opts.append(("gpus-per-node", str(c.gpus_per_node), "cluster.gpus_per_node"))
     opts.append(("cpus-per-task", str(c.cpus_per_task), "cluster.cpus_per_task"))
     if c.mem_gb is not None:
@@ -122,8 +127,8 @@ def sbatch_options(cfg: RunConfig, run_dir: Path) -> list[tuple[str, str]]:
     opts.append(("output", str(logs / "%j_sbatch.out"), "run directory"))
     opts.append(("error", str(logs / "%j_sbatch.err"), "run directory"))
     for key, value in c.sbatch_extra.items():
-        if key in _OWN_SBATCH_KEYS:
-            own = _OWN_SBATCH_KEYS[key]
+        if key in _OWN_SBATCH_KEYS or (key == "gres" and any(k == "gres" for k, _, _ in opts)):
+            own = _OWN_SBATCH_KEYS.get(key, "cluster.gpus_per_node (with cluster.gpu_request: gres)")
             hint = f"set {own} instead" if own else "moe-orch sets it itself"
             issue = ConfigIssue(f"cluster.sbatch_extra.{key}", f"--{key} cannot be set here; {hint}")
             raise ConfigError([issue])
@@ -136,6 +141,13 @@ def sbatch_options(cfg: RunConfig, run_dir: Path) -> list[tuple[str, str]]:
     if issues:
         raise ConfigError(issues)
     return [(key, value) for key, value, _ in opts]
+
+
+def srun_args(cfg: RunConfig) -> list[str]:
+    """Options of the `srun` that starts the ranks, besides tasks and CPUs: on GPUs, every task sees
+    all GPUs of its node (`--gpu-bind=none`; NCCL then uses NVLink/P2P between them) and the worker
+    binds local rank r to cuda:r. sbatch.sh and submit (submitit's `srun_args`) both use it."""
+    return [] if cfg.cpu_only else ["--gpu-bind=none"]
 
 
 def accelerate_config(cfg: RunConfig, ds_config_path: Path, hosts: list[str] | None) -> dict[str, Any]:
@@ -221,14 +233,12 @@ def render(
     hosts = hostfile_hosts(cfg, nodelist)
     c = cfg.cluster
     ds = deepspeed_config(cfg)
-    defaults: dict[str, str] = {}
-    if cfg.cpu_only:
-        defaults["DS_ACCELERATOR"] = "cpu"
-        defaults["OMP_NUM_THREADS"] = str(cfg.training.num_threads or c.cpus_per_task)
+    defaults = job_env_defaults(cfg)  # spec/launch.py: NCCL settings and the collective timeout on GPUs
     exports = [(k, v) for k, v in defaults.items() if k not in c.env] + list(c.env.items())
     context: dict[str, Any] = {
         "cfg": cfg,
         "sbatch_options": sbatch_options(cfg, run_dir),
+        "srun_args": srun_args(cfg),
         "exports": exports,
         "python": python,
         "run_dir": str(run_dir),

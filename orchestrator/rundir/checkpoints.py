@@ -42,6 +42,10 @@ MANIFEST = "manifest.json"
 CLIENT_STATE = "client_state.json"
 PARTIAL_PREFIX = ".partial-"
 TAG_RE = re.compile(r"^step-(\d+)$")
+RESHARD_TAG_RE = re.compile(r"^(step-\d+)-(w\d+e\d+)$")
+"""A resharded copy of a checkpoint for another topology (`step-000120-w4e2`: 4 ranks, ep_size 2),
+written by `worker.reshard` next to the original; `list_checkpoints` leaves it out (training saves
+only), pruning a tag removes its resharded copies."""
 
 
 def tag_for_step(step: int) -> str:
@@ -52,6 +56,21 @@ def tag_for_step(step: int) -> str:
 def step_of_tag(tag: str) -> int | None:
     match = TAG_RE.match(tag)
     return int(match.group(1)) if match else None
+
+
+def reshard_tag(tag: str, suffix: str) -> str:
+    """`step-000120` + `w4e2` -> `step-000120-w4e2`."""
+    return f"{tag}-{suffix}"
+
+
+def resharded_copies(run_dir: str | Path, tag: str) -> list[Path]:
+    """The resharded copies of checkpoint `tag` (any topology), valid or not."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(
+        p for p in root.iterdir() if (m := RESHARD_TAG_RE.match(p.name)) and m.group(1) == tag and p.is_dir()
+    )
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -80,10 +99,15 @@ def hash_files(folder: Path, rank: int = 0, world_size: int = 1) -> dict[str, di
 
 
 def write_manifest(
-    folder: Path, tag: str, step: int, known: dict[str, dict[str, Any]] | None = None
+    folder: Path,
+    tag: str,
+    step: int,
+    known: dict[str, dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> int:
     """fsync and hash every file of `folder` not in `known` (entries other ranks computed), then
-    write its manifest (last). Returns the bytes covered."""
+    write its manifest (last), with `extra` keys (a resharded copy's `resharded_from`). Returns
+    the bytes covered."""
     files = dict(known or {})
     for path in _files(folder):
         rel = path.relative_to(folder).as_posix()
@@ -91,7 +115,7 @@ def write_manifest(
             fsync_file(path)
             files[rel] = {"sha256": _sha256(path), "size": path.stat().st_size}
     total = sum(int(entry["size"]) for entry in files.values())
-    manifest = {"tag": tag, "step": step, "files": files, "complete": True}
+    manifest = {**(extra or {}), "tag": tag, "step": step, "files": files, "complete": True}
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return total
 
@@ -194,6 +218,8 @@ def prune_checkpoints(run_dir: str | Path, keep: int | None) -> list[Path]:
     for info in infos[: max(len(infos) - keep, 0)]:
         if info.path == newest_valid:
             continue
+        for sibling in resharded_copies(run_dir, info.tag):
+            shutil.rmtree(sibling, ignore_errors=True)
         shutil.rmtree(info.path, ignore_errors=True)
         removed.append(info.path)
     if removed:
@@ -240,4 +266,28 @@ def finalize_checkpoint(
     atomic_write_text(root / LATEST, tag + "\n")
     prune_checkpoints(run_dir, keep)
     remove_stale_partials(run_dir)
+    return total
+
+
+def write_checkpoint_files(
+    run_dir: str | Path,
+    tag: str,
+    step: int,
+    client_state: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> int:
+    """Publish a checkpoint staged in `.partial-<tag>/<tag>` that is not a training save (a
+    resharded copy): client_state.json, the manifest (with `extra`), the rename into place.
+    `latest` and pruning are left alone. Returns the bytes of the checkpoint."""
+    root = checkpoints_dir(run_dir)
+    partial = root / f"{PARTIAL_PREFIX}{tag}"
+    staged = partial / tag
+    (staged / CLIENT_STATE).write_text(json.dumps(client_state, indent=1, sort_keys=True) + "\n")
+    total = write_manifest(staged, tag, step, extra=extra)
+    final = root / tag
+    if final.exists():
+        shutil.rmtree(final)  # an invalid copy (its manifest did not verify): the new one replaces it
+    os.replace(staged, final)
+    fsync_dir(root)
+    shutil.rmtree(partial, ignore_errors=True)
     return total

@@ -75,6 +75,7 @@ class StopReason(_Value):
     NODE_FAIL = "node_fail"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    HUNG = "hung"  # no training progress within the stall limit (worker.hang, or `watch`)
 
     @classmethod
     def parse(cls, text: object) -> StopReason:
@@ -128,6 +129,8 @@ class Attempt:
     error: str | None = None
     note: str | None = None  # why this attempt exists (e.g. "resubmitted after node_fail")
     last_seen_alive: float | None = None
+    hang: dict[str, Any] | None = None  # the `hang` event: suspects, waiting ranks, hang_s, note
+    stragglers: list[dict[str, Any]] = field(default_factory=list)  # `straggler` events: rank, host, factor
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Attempt:

@@ -81,11 +81,23 @@ class ClusterConfig(_Section):
     nodes: Annotated[int, Field(ge=1)] = 1
     """Number of nodes (`sbatch --nodes`)."""
 
+    min_nodes: Annotated[int, Field(ge=1)] | None = None
+    """Fewest nodes the run may continue on: when the cluster cannot give `nodes` back after a
+    failure, `watch` may resubmit on as few as this many (at most `nodes`), and the worker
+    reshards the checkpoint for the smaller world (same global batch: more accumulation steps).
+    Unset means the run always waits for `nodes`."""
+
     tasks_per_node: Annotated[int, Field(ge=1)] = 1
     """Ranks per node. On GPU clusters this is the number of GPUs per node (one rank per GPU)."""
 
     gpus_per_node: Annotated[int, Field(ge=0)] = 0
-    """GPUs requested per node (`--gpus-per-node`); 0 means a CPU-only run."""
+    """GPUs requested per node (`--gpus-per-node` or `--gres`, see `gpu_request`); 0 means a
+    CPU-only run. Each rank binds the GPU of its local rank (one rank per GPU, over NCCL)."""
+
+    gpu_request: Literal["gpus_per_node", "gres"] = "gpus_per_node"
+    """How the job asks SLURM for its GPUs: `gpus_per_node` (`#SBATCH --gpus-per-node=N`, SLURM's
+    cons_tres selection) or `gres` (`#SBATCH --gres=gpu:N`, for clusters that only know GPUs as
+    generic resources). Ignored when `gpus_per_node` is 0."""
 
     gpu_mem_gb: Annotated[float, Field(gt=0)] | None = None
     """Memory of one GPU in GB (80 for an A100/H100 80GB). When set, `validate` refuses a run
@@ -160,6 +172,9 @@ class ClusterConfig(_Section):
 
     env: dict[str, str] = Field(default_factory=dict)
     """Extra environment variables for every rank. Values are quoted; they never run as shell.
+    This is the place for site settings such as `NCCL_SOCKET_IFNAME: ib0` or `NCCL_IB_HCA: mlx5`;
+    a key here replaces the default moe-orch exports (on GPUs: `NCCL_DEBUG`,
+    `TORCH_NCCL_ASYNC_ERROR_HANDLING`, `MOE_ORCH_COLLECTIVE_TIMEOUT_S`, `OMP_NUM_THREADS`).
     They are written into run.yaml and sbatch.sh, so a key that looks secret (TOKEN, KEY, SECRET,
     PASSWORD, CREDENTIAL, AUTH, PRIVATE, ... in its name) is refused: pass it by name with
     `env_passthrough`, or list it in `env_not_secret` if its value is not secret."""
@@ -267,6 +282,16 @@ class ClusterConfig(_Section):
                 raise ValueError(f"sbatch option {key!r} must look like `mail-user` (no dashes in front)")
         return value
 
+    @model_validator(mode="after")
+    def _min_nodes_fit(self) -> ClusterConfig:
+        if self.min_nodes is not None and self.min_nodes > self.nodes:
+            raise _fail(
+                "cluster.min_nodes",
+                f"min_nodes {self.min_nodes} is more than nodes {self.nodes}; set min_nodes at most "
+                f"{self.nodes} (or leave it unset)",
+            )
+        return self
+
     @property
     def world_size(self) -> int:
         return self.nodes * self.tasks_per_node
@@ -320,6 +345,27 @@ class ModelConfig(_Section):
         return self.name_or_path == "tiny"
 
 
+class LabelRoutingConfig(_Section):
+    weight: Annotated[float, Field(ge=0)] = 0.0
+    """Weight of the label-routing loss (0: off). Each real token of an example with an
+    `expert_label` adds -log(router probability of its label's experts), per MoE layer, beside the
+    load-balancing loss; the router stays an ordinary router (the export needs nothing else)."""
+
+    experts: Literal["auto"] | dict[str, list[Annotated[int, Field(ge=0)]]] = "auto"
+    """Which experts each label is pulled toward: `auto` deals the sorted labels round-robin over
+    the experts (L <= E labels: label i gets experts i, i+L, ...; more labels than experts: label i
+    gets expert i mod E), or a map `{label: [expert ids]}` (labels left out are not guided)."""
+
+    def assignment(self, labels: list[str], num_experts: int) -> dict[str, list[int]]:
+        """The experts of each label (of `labels`, the data's sorted label vocabulary)."""
+        if self.experts != "auto":
+            return {label: sorted(set(self.experts[label])) for label in labels if self.experts.get(label)}
+        n = len(labels)
+        if n <= num_experts:
+            return {label: list(range(i, num_experts, n)) for i, label in enumerate(labels)}
+        return {label: [i % num_experts] for i, label in enumerate(labels)}
+
+
 class MoeConfig(_Section):
     enabled: bool = True
     """Upcycle the FFNs into MoE layers. `false` trains the dense parent (the baseline)."""
@@ -357,6 +403,23 @@ class MoeConfig(_Section):
     implementation: Literal["deepspeed", "dropless"] = "deepspeed"
     """`deepspeed`: the stock `deepspeed.moe.layer.MoE`. `dropless`: the worker's sort-based
     dispatch (no capacity, no token dropped; `ep_size` 1 only)."""
+
+    label_routing: LabelRoutingConfig = Field(default_factory=LabelRoutingConfig)
+    """Label-guided routing: an auxiliary router loss pulling each `expert_label`'s tokens toward
+    assigned experts (docs/design.md, "Routing analytics and label routing")."""
+
+    @model_validator(mode="after")
+    def _label_experts_exist(self) -> MoeConfig:
+        lr = self.label_routing
+        if lr.experts != "auto":
+            bad = sorted({e for ids in lr.experts.values() for e in ids if e >= self.num_experts})
+            if bad:
+                raise _fail(
+                    "moe.label_routing.experts",
+                    f"expert ids {bad} do not exist: num_experts is {self.num_experts} "
+                    f"(ids 0..{self.num_experts - 1})",
+                )
+        return self
 
     @property
     def eval_capacity(self) -> float:
@@ -452,7 +515,12 @@ class TrainingConfig(_Section):
     """Gradient clipping by global norm; 0 disables clipping."""
 
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    """Training precision. CPU-only runs must use fp32."""
+    """Training precision. CPU-only runs must use fp32 (unless `bf16_on_cpu`)."""
+
+    bf16_on_cpu: bool = False
+    """For tests only: let `precision: bf16` train without GPUs (DeepSpeed's CPU accelerator),
+    to exercise the bf16 path (engine config, checkpoints, resume, export) on a machine without
+    GPUs. Slow: bf16 on a CPU is 2-4x slower than fp32. No effect when `cluster.gpus_per_node` > 0."""
 
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage. MoE needs 1 or 2 (DeepSpeed refuses native MoE with stage 3)."""
@@ -589,11 +657,12 @@ class RunConfig(_Section):
                 f"max_target_length {d.max_target_length} must be less than max_seq_length "
                 f"{d.max_seq_length} (the prompt needs room)",
             )
-        if t.precision != "fp32" and self.cpu_only:
+        if t.precision != "fp32" and self.cpu_only and not (t.precision == "bf16" and t.bf16_on_cpu):
+            switch = " (training.bf16_on_cpu: true allows it on CPU, for tests)" * (t.precision == "bf16")
             raise _fail(
                 "training.precision",
                 f"{t.precision} needs GPUs (DeepSpeed on CPU rejects fp16; bf16 is 2-4x slower); "
-                "use precision: fp32 or set cluster.gpus_per_node",
+                f"use precision: fp32 or set cluster.gpus_per_node{switch}",
             )
         if self.model.is_tiny and isinstance(m.layers, list):
             bad = [i for i in m.layers if i >= self.model.tiny.n_layers]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from orchestrator.backends.slurm import scheduler
 from orchestrator.backends.slurm.attempts import apply_scheduler
+from orchestrator.backends.slurm.injob import partition_nodes
 from orchestrator.backends.slurm.task_reports import TaskExit, apply_task_exits, run_task_exits, worker_errors
 from orchestrator.errors import SchedulerError, SubmissionError
 from orchestrator.rundir.runs import AttemptState, RunState
@@ -152,6 +153,10 @@ class SlurmBackend:
                 params[name] = int(value) if name in _INT_PARAMS else value
         if c.setup:
             params["setup"] = list(c.setup)
+        from orchestrator.render.files import srun_args
+
+        if srun_args(cfg):
+            params["srun_args"] = srun_args(cfg)  # as sbatch.sh's srun: one rank per GPU
         params["additional_parameters"] = extra
         return params
 
@@ -201,6 +206,14 @@ class SlurmBackend:
 
     def unhealthy_nodes(self, nodes: Sequence[str]) -> list[str]:
         return scheduler.unhealthy_nodes(nodes)
+
+    def node_pool(self, partition: str | None) -> dict[str, str]:
+        return partition_nodes(partition)
+
+    def kill(self, job_id: str) -> None:
+        # NOTE: `--full` reaches the batch script too, so the job ends (FAILED) instead of waiting
+        # for its stopped tasks; a plain scancel would first SIGCONT and SIGTERM them.
+        scheduler.scancel(job_id, "--signal=KILL", "--full")
 
     def env_withheld(self, names: Sequence[str], environ: Mapping[str, str]) -> list[str]:
         # NOTE: sbatch exports the submitting environment (`--export=ALL`) unless told otherwise;

@@ -3,7 +3,8 @@
 - the job's time limit (`squeue -o %S|%l`: its start plus its limit), so a stop reads as `timeout`
   or `preempted`;
 - `scontrol requeue`, when `cluster.requeue`;
-- `scontrol show job -o`, to tell a cancellation (`scancel`) from a requeue or a preemption.
+- `scontrol show job -o`, to tell a cancellation (`scancel`) from a requeue or a preemption;
+- after a hang, `sinfo` and `scontrol update ExcNodeList`, to keep a stuck rank's node out of the next run.
 
 Also SLURM's time formats, which the login side (`scheduler.py`) parses with the same functions.
 Every rank imports this module: the standard library only (no jinja2, typer, rich or submitit).
@@ -12,10 +13,13 @@ Every rank imports this module: the standard library only (no jinja2, typer, ric
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from orchestrator.backends.nodelist import plan_exclusion
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +150,44 @@ def term_is_cancellation(job: Mapping[str, str], restart_count: int) -> bool:
     return restarts <= restart_count and not preempted
 
 
+def partition_nodes(partition: str | None) -> dict[str, str]:
+    """`sinfo -N`: the partition's nodes (every node when None) and their states; {} on failure."""
+    args = ["sinfo", "-h", "-N", "-o", "%N|%T"] + (["-p", partition] if partition else [])
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("sinfo failed: %s", exc)
+        return {}
+    pool: dict[str, str] = {}
+    for line in out.stdout.splitlines():
+        node, sep, state = line.strip().partition("|")
+        if sep:
+            pool[node] = state.rstrip("*~#!%$@^-")
+    return pool
+
+
+def exclude_next_run(job_id: str, hosts: Sequence[str], nodes_needed: int) -> str:
+    """`plan_exclusion` for this job, applied with `scontrol update JobId=... ExcNodeList=...`
+    (the job is pending again after its requeue)."""
+    shown = scontrol_show_job(job_id)
+    current = shown.get("ExcNodeList", "(null)")
+    excluded = [] if current in ("(null)", "", "None") else current.split(",")
+    pool = partition_nodes(os.environ.get("SLURM_JOB_PARTITION"))
+    new, sentence = plan_exclusion(hosts, pool, excluded, nodes_needed)
+    if new is None:
+        return sentence
+    try:
+        out = subprocess.run(
+            ["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={','.join(new)}"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"could not exclude {','.join(hosts)}: {exc}"
+    if out.returncode != 0:
+        return f"could not exclude {','.join(hosts)}: {(out.stderr or out.stdout).strip()}"
+    return sentence
+
+
 @dataclass(frozen=True)
 class SlurmRunningJob:
     """The SLURM job this process runs in (`RunningJob`): one run of it, `restart_count` being its
@@ -163,3 +205,6 @@ class SlurmRunningJob:
     def term_is_cancellation(self) -> bool:
         job = scontrol_show_job(self.job_id)
         return bool(job) and term_is_cancellation(job, self.restart_count)
+
+    def exclude_next(self, hosts: Sequence[str], nodes_needed: int) -> str:
+        return exclude_next_run(self.job_id, hosts, nodes_needed)

@@ -264,10 +264,10 @@ def unhealthy_nodes(nodes: Iterable[str]) -> list[str]:
     return bad
 
 
-def scancel(job_id: str) -> None:
-    """Cancel a job; raises SchedulerError with scancel's message."""
+def scancel(job_id: str, *options: str) -> None:
+    """Cancel a job (or, with `--signal=...`, signal it); raises SchedulerError with scancel's message."""
     try:
-        res = _run(["scancel", job_id])
+        res = _run(["scancel", *options, job_id])
     except (OSError, subprocess.SubprocessError) as exc:
         raise SchedulerError(f"scancel {job_id} failed: {exc}") from None
     if res.returncode != 0:

@@ -15,6 +15,10 @@
 
 set -euo pipefail
 
+export OMP_NUM_THREADS=8
+export NCCL_DEBUG=WARN
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+export MOE_ORCH_COLLECTIVE_TIMEOUT_S=3600
 export TOKENIZERS_PARALLELISM=false
 
 # Rendezvous: the first node of the allocation, and a port derived from the job id (worker/dist.py
@@ -26,6 +30,8 @@ export MASTER_ADDR
 export MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"
 
 # One task per rank; per-task logs use the names submitit uses (<job>_<task>_log.out/.err).
-srun --ntasks-per-node=8 --cpus-per-task=8 --kill-on-bad-exit=0 \
+# One rank per GPU: every task sees all GPUs of its node (--gpu-bind=none, so NCCL can use NVLink and
+# P2P between them) and the worker binds local rank r (SLURM_LOCALID) to cuda:r (worker/dist.py).
+srun --ntasks-per-node=8 --cpus-per-task=8 --gpu-bind=none --kill-on-bad-exit=0 \
   --output=/runs/RUN-ID/logs/%j_%t_log.out --error=/runs/RUN-ID/logs/%j_%t_log.err \
   /opt/moe-orch/bin/python -u -m worker --config /runs/RUN-ID/run.yaml --run-dir /runs/RUN-ID
