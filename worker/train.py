@@ -85,7 +85,7 @@ def run(cfg: RunConfig, run_dir: str | Path, *, info: DistInfo | None = None) ->
             "start", job_id=info.job_id, restart=info.restart_count, attempt_key=info.attempt_key,
             nodes=info.nodes, world_size=info.world_size, resumed_from=tag, resumed_step=resumed_step,
             steps_redone=redone, launched=round(pulse.launched, 3), heartbeat_s=cfg.cluster.heartbeat_s,
-            topology_change=plan.event(),
+            topology_change=plan.event(), ep_size=cfg.ep_size,
         )
         logger.info(
             "training %s: %d ranks (%s), steps %d -> %d, global batch %d",

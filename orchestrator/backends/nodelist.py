@@ -107,13 +107,18 @@ UNUSABLE_NODE_STATES = ("down", "drain", "fail", "maint", "reboot", "unknown", "
 """`sinfo %T` states (prefixes, lower case) of nodes no job can get."""
 
 
+def usable_nodes(pool: Mapping[str, str], excluded: Sequence[str]) -> list[str]:
+    """The nodes of `pool` (name -> `sinfo` state) that a job could get, `excluded` left out."""
+    up = [n for n, state in pool.items() if not state.lower().startswith(UNUSABLE_NODE_STATES)]
+    return [n for n in up if n not in excluded]
+
+
 def plan_exclusion(
     hosts: Sequence[str], pool: Mapping[str, str], excluded: Sequence[str], nodes_needed: int
 ) -> tuple[list[str] | None, str]:
     """Whether to keep `hosts` out of the next run: the new `--exclude` list (None: keep it as it
     is), and the sentence that says so. `pool` is the partition's nodes and their `sinfo` states."""
-    usable = [n for n, state in pool.items() if not state.lower().startswith(UNUSABLE_NODE_STATES)]
-    remaining = [n for n in usable if n not in hosts and n not in excluded]
+    remaining = usable_nodes(pool, [*hosts, *excluded])
     names = ",".join(hosts)
     if len(remaining) < nodes_needed:
         return None, (

@@ -27,7 +27,9 @@ per-rank files (SLURM requeues append to them) into attempts at these lines."""
 
 def attempt_key() -> str:
     """`<job_id>.<restart>` as the worker's start event writes it (local: `<pid>.0`)."""
-    job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or str(os.getpid())
+    from orchestrator.backends.slurm.injob import slurm_job_id
+
+    job_id = slurm_job_id(os.environ) or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or str(os.getpid())
     return runs.attempt_key(job_id, int(os.environ.get("SLURM_RESTART_COUNT") or 0))
 
 

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 Echo = Callable[[str], None]
 _MARKER_RE = re.compile(re.escape(ATTEMPT_MARKER) + r"(\S+) rank (\S+)")
 _SUBMITIT_START = "Starting with JobEnvironment("
-_FILE_RE = re.compile(r"^(\d+)_(\d+)_log\.(out|err)$")
+_FILE_RE = re.compile(r"^(\d+(?:_\d+)?)_(\d+)_log\.(out|err)$")  # job `12` or array task `12_3`
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,9 @@ def apply_events(
             att.started = att.started or when
             att.nodes = [str(n) for n in ev.get("nodes") or []] or att.nodes
             att.resumed_from = ev.get("resumed_from")
+            att.world_size = ev.get("world_size") if isinstance(ev.get("world_size"), int) else att.world_size
+            att.ep_size = ev.get("ep_size") if isinstance(ev.get("ep_size"), int) else att.ep_size
+            att.topology_change = ev.get("topology_change") or None
             att.steps_redone = ev.get("steps_redone")
             if ev.get("resumed_step") is not None and att.last_step is None:
                 att.last_step = int(ev["resumed_step"])

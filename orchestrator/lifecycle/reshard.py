@@ -113,3 +113,35 @@ def retarget_run(
 
         runs.update_run(run_dir, _rehash)
     return Retarget(old, new)
+
+
+def fit_to_usable_nodes(run_dir: Path, executor: str, excluded: list[str]) -> str:
+    """`cluster.min_nodes`: before a resubmission, shrink the run to the nodes the partition can
+    still give (`excluded` left out) when that is fewer than `cluster.nodes` and at least
+    `min_nodes`; the ep_size is kept when it divides the new world, else the largest one that
+    does. Returns a sentence for the attempt's note ("" when nothing changed)."""
+    from orchestrator.backends import backend_for
+    from orchestrator.backends.nodelist import usable_nodes
+
+    cluster = load_resolved(run_dir / "run.yaml").cluster
+    if cluster.min_nodes is None:
+        return ""
+    pool = backend_for(executor).node_pool(cluster.partition)
+    usable = len(usable_nodes(pool, excluded))
+    if not pool or usable >= cluster.nodes:
+        return ""
+    if usable < cluster.min_nodes:
+        return (
+            f"only {usable} usable node(s) for {cluster.nodes} (cluster.min_nodes {cluster.min_nodes}): "
+            "waiting in the queue for them"
+        )
+    old = Topology.of(load_resolved(run_dir / "run.yaml"))
+    world = usable * cluster.tasks_per_node
+    for ep in sorted({e for e in range(1, old.ep_size + 1) if old.ep_size % e == 0}, reverse=True):
+        if world % ep == 0:
+            break
+    moved = retarget_run(run_dir, nodes=usable, ep_size=ep)
+    return (
+        f"{usable} of {cluster.nodes} nodes usable: continuing on {usable} (cluster.min_nodes "
+        f"{cluster.min_nodes}); " + "; ".join(moved.lines())
+    )

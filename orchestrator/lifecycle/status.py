@@ -121,7 +121,8 @@ def result_error(run_dir: Path, job_id: str) -> str | None:
         if isinstance(outcome, tuple) and len(outcome) == 2 and outcome[0] == "error":
             lines = [ln for ln in str(outcome[1]).strip().splitlines() if ln.strip()]
             if lines:  # a traceback's last line may hold a URL with credentials
-                return redact(f"{lines[-1].strip()} (rank {path.name.split('_')[1]})")
+                rank = path.name[len(job_id) + 1 :].split("_")[0]  # `<job>_<rank>_result.pkl`
+                return redact(f"{lines[-1].strip()} (rank {rank})")
     return None
 
 
@@ -293,6 +294,17 @@ def detail_lines(detail: dict[str, Any]) -> list[str]:
             f"steps {att['first_step']}..{att['last_step']}, resumed from {att['resumed_from'] or '-'}, "
             f"redone {att['steps_redone'] if att['steps_redone'] is not None else '-'}, nodes {nodes}"
         )
+        if att.get("world_size"):
+            ep = f", ep_size {att['ep_size']}" if att.get("ep_size") else ""
+            change = att.get("topology_change") or {}
+            moved = ""
+            if change.get("from"):
+                was = change["from"]
+                moved = (
+                    f", resharded from {was.get('world_size')} ranks / ep_size {was.get('ep_size')} "
+                    f"({change.get('tag')})"
+                )
+            lines.append(f"      topology: {att['world_size']} ranks{ep}{moved}")
         if att.get("note"):
             lines.append(f"      note: {att['note']}")
         if att.get("error"):

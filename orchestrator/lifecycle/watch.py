@@ -34,7 +34,9 @@ Echo = Callable[[str], None]
 
 def _failed_nodes(rec: RunRecord) -> list[str]:
     cur = rec.current
-    if cur is None or cur.stop_reason != StopReason.NODE_FAIL:
+    # NOTE: a node lost under a multi-node job often reads as `failed` (a rank on another node
+    # errors in its collective and writes the exit event first), so both reasons ask sinfo.
+    if cur is None or cur.stop_reason not in (StopReason.NODE_FAIL, StopReason.FAILED):
         return []
     return backend_for(rec.executor).unhealthy_nodes(cur.nodes)
 
@@ -65,6 +67,10 @@ def resume(run_dir: Path, *, note: str | None = None, force: bool = True) -> Run
     bad += [n for n in suspects if n not in bad]
     reason = f"attempt {cur.number} {cur.stop_reason}" if cur else "no attempt"
 
+    from orchestrator.lifecycle.reshard import fit_to_usable_nodes
+
+    shrink = fit_to_usable_nodes(run_dir, rec.executor, sorted({*rec.excluded_nodes, *bad}))
+
     def _prepare(r: RunRecord) -> None:
         for node in bad:
             if node not in r.excluded_nodes:
@@ -77,6 +83,8 @@ def resume(run_dir: Path, *, note: str | None = None, force: bool = True) -> Run
         why += f"; excluding node(s) {','.join(bad)}"
     if decision:
         why += f" ({decision})"
+    if shrink:
+        why += f"; {shrink}"
     resubmit(run_dir, note=why)
     return runs.read_run(run_dir)
 

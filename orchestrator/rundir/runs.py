@@ -129,6 +129,9 @@ class Attempt:
     error: str | None = None
     note: str | None = None  # why this attempt exists (e.g. "resubmitted after node_fail")
     last_seen_alive: float | None = None
+    world_size: int | None = None  # ranks of this attempt (the start event)
+    ep_size: int | None = None
+    topology_change: dict[str, Any] | None = None  # the start event's: from, to, source, tag (resharded)
     hang: dict[str, Any] | None = None  # the `hang` event: suspects, waiting ranks, hang_s, note
     stragglers: list[dict[str, Any]] = field(default_factory=list)  # `straggler` events: rank, host, factor
 
@@ -221,6 +224,11 @@ def find_run(home: Path, spec: str) -> Path:
         return direct.resolve()
     if (home / spec / RUN_FILE).is_file():
         return home / spec
+    from orchestrator.rundir.sweeps import element_run_dir
+
+    element = element_run_dir(home, spec)  # a sweep element: <home>/<sweep-id>/<run-id>
+    if element is not None:
+        return element
     matches = [p for p in list_runs(home) if p.name.startswith(spec)]
     if len(matches) == 1:
         return matches[0]

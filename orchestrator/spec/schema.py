@@ -198,6 +198,20 @@ class ClusterConfig(_Section):
     requeue: bool = True
     """Let SLURM requeue the job (`--requeue`) after preemption, node failure or a save on signal."""
 
+    continue_with: Literal["requeue", "chain"] = "requeue"
+    """How the run goes on after a job's time limit. `requeue`: the job requeues itself (`scontrol
+    requeue`; needs `requeue: true` and a cluster that allows it) and SLURM restarts the same job
+    id. `chain`: the job stops itself `signal_delay_s` before its time limit, saves, and submits its
+    successor (`sbatch --dependency=afterany:<this job>`, the same job script): a new job id of the
+    same run, with no process on the login node; also on a preemption signal when the requeue is
+    refused or `requeue` is false. For clusters with `JobRequeue=0` or a partition `MaxTime`
+    shorter than the run. The budgets and `total_time_min` decide whether a successor is sent."""
+
+    total_time_min: Annotated[int, Field(ge=1)] | None = None
+    """Cap on the run's wall-clock time in minutes, from its first attempt's start to the end of
+    its latest: past it no successor is submitted (`continue_with: chain`) and the run ends
+    `failed` (`watch` resubmits nothing and cancels a requeued job). Unset means no cap."""
+
     master_port: Annotated[int, Field(ge=1024, le=65535)] | None = None
     """Rendezvous port; unset derives it from the job id so that two jobs on a node never collide."""
 
@@ -547,6 +561,55 @@ class TrainingConfig(_Section):
     """Write a Hugging Face folder (`<run>/export`) when training completes."""
 
 
+NotifyEvent = Literal["attempt_start", "preempted", "hung", "failed", "completed", "cancelled"]
+"""What a notification is about (orchestrator/notify.py): an attempt started; it stopped on a
+preemption or its time limit; it hung; it failed; the run completed; it was cancelled."""
+
+
+class NotifyConfig(_Section):
+    webhook: UnsetOrNonBlankStr = None
+    """URL that receives each notification as a JSON POST: a Slack-compatible `text` line plus the
+    structured event (`kind`, `run_id`, `attempt_key`, `job_id`, `step`, ...). It is written into
+    run.yaml; a URL that holds a secret (a Slack hook path, a token) belongs in `webhook_env`."""
+
+    webhook_env: EnvName | None = None
+    """Name of an environment variable that holds the webhook URL, read where a notification is
+    sent (the job and `watch`); list it in `cluster.env_passthrough` too, so the job receives it."""
+
+    command: UnsetOrNonBlankStr = None
+    """A shell command run with each notification as JSON on its stdin (e.g. a script that mails
+    or pages), from the job and from `watch`; at most `timeout_s` seconds."""
+
+    events: list[NotifyEvent] = Field(
+        default_factory=lambda: ["attempt_start", "preempted", "hung", "failed", "completed"]
+    )
+    """Which notifications to send (add `cancelled` for cancellations)."""
+
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 10.0
+    """Seconds a webhook or command may take. A notification that fails or times out is logged
+    (`<run>/notifications.jsonl`) and never fails the run."""
+
+    @model_validator(mode="after")
+    def _one_webhook(self) -> NotifyConfig:
+        if self.webhook is not None and self.webhook_env is not None:
+            raise _fail(
+                "notify.webhook_env",
+                "set either notify.webhook (the URL) or notify.webhook_env (the name of a variable "
+                "holding it), not both",
+            )
+        return self
+
+
+class SweepConfig(_Section):
+    grid: dict[NonBlankStr, list[Any]] = Field(default_factory=dict)
+    """Config fields to sweep, each with its values, e.g. `{training.learning_rate: [1.0e-3,
+    3.0e-4], moe.top_k: [1, 2]}`: `moe-orch sweep` runs every combination (the cartesian product)
+    as one element, a run of its own, all in one SLURM job array (`--grid KEY=V1,V2` adds more)."""
+
+    max_parallel: Annotated[int, Field(ge=1)] | None = None
+    """Elements running at once (`--array=0-(n-1)%P`); unset runs all at once."""
+
+
 class RunConfig(_Section):
     """A moe-orch run: resources, model, MoE layout, data and training."""
 
@@ -567,6 +630,12 @@ class RunConfig(_Section):
 
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     """Optimisation, precision, logging and checkpoints."""
+
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    """Notifications on attempt start, preemption, hang, failure and completion (webhook, command)."""
+
+    sweep: SweepConfig | None = None
+    """A grid of values for `moe-orch sweep` (ignored by `submit`); unset in each element's run.yaml."""
 
     @field_validator("name")
     @classmethod
@@ -672,6 +741,19 @@ class RunConfig(_Section):
                     f"layer indices {bad} do not exist: the tiny model has "
                     f"{self.model.tiny.n_layers} layers (0..{self.model.tiny.n_layers - 1})",
                 )
+        webhook_env = self.notify.webhook_env
+        if webhook_env is not None and webhook_env not in c.env_passthrough:
+            raise _fail(
+                "notify.webhook_env",
+                f"{webhook_env} is not in cluster.env_passthrough, so the job would not receive the "
+                f"webhook URL; add it: cluster.env_passthrough: [{webhook_env}]",
+            )
+        if c.continue_with == "chain" and c.executor != "slurm":
+            raise _fail(
+                "cluster.continue_with",
+                "chain submits the next job with sbatch, so it needs executor: slurm; use "
+                "continue_with: requeue (the default) with the local executor",
+            )
         if c.gpu_mem_gb is not None:
             # Imported here: the estimate needs the architecture table, not needed for parsing.
             from orchestrator.spec.estimate import estimate_memory

@@ -24,6 +24,21 @@ from orchestrator.backends.nodelist import plan_exclusion
 logger = logging.getLogger(__name__)
 
 
+def slurm_job_id(env: Mapping[str, str]) -> str | None:
+    """The job id as moe-orch records it: `<array job id>_<task index>` for a job array's task
+    (SLURM_ARRAY_JOB_ID, SLURM_ARRAY_TASK_ID; as squeue, sacct and submitit name it), else
+    SLURM_JOB_ID; None outside SLURM.
+
+    NOTE: an array task's SLURM_JOB_ID is an id of its own (`1236` for `1234_2`); scontrol, squeue,
+    sacct and scancel take either spelling, but run.json, the events and the log names use
+    `1234_2`. Ports are derived from SLURM_JOB_ID, unique per task (`worker/dist.py`).
+    """
+    array_id, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    if array_id and task:
+        return f"{array_id}_{task}"
+    return env.get("SLURM_JOB_ID") or None
+
+
 def parse_time(text: str) -> float | None:
     """`2026-11-28T15:20:01` (local time, as squeue, sacct and scontrol print it) -> Unix seconds;
     None for `Unknown`, `None`, `N/A`, `(null)` or empty."""

@@ -33,7 +33,11 @@ from orchestrator.rundir.runs import StopReason
 logger = logging.getLogger(__name__)
 
 SQUEUE_FORMAT = "%i|%T|%r|%N|%V|%S"
-SACCT_FIELDS = "JobIDRaw,State,ExitCode,Submit,Start,End,NodeList"
+SACCT_FIELDS = "JobID,State,ExitCode,Submit,Start,End,NodeList"
+# NOTE: JobID, not JobIDRaw: an array task's raw id is an id of its own (`1236`), its JobID the
+# `1234_2` that squeue, submitit and our records use. For any other job the two are equal.
+JOB_ID_RE = re.compile(r"^\d+(?:_\d+)?$")
+"""A job id as moe-orch records it: `1234`, or an array task `1234_2`."""
 SUBMIT_SLACK_S = 120.0
 """A scheduler row belongs to an attempt only if it was submitted at most this long before the
 attempt's recorded submit time (clock skew between login node and controller)."""
@@ -125,8 +129,15 @@ def split_state(raw: str) -> tuple[str, str | None]:
 
 def _job_id(raw: str) -> str | None:
     raw = raw.strip()
-    # steps (`12.batch`, `12.0`) and array syntax are not ours: we submit single jobs.
-    return raw if raw.isdigit() else None
+    # A job `12` or an array task `12_3`; steps (`12.batch`, `12.0`), an array's pending remainder
+    # (`12_[4-7%2]`) and heterogeneous jobs (`12+0`) are not attempts.
+    return raw if JOB_ID_RE.match(raw) else None
+
+
+def job_sort_key(job_id: str) -> tuple[int, int]:
+    """`12` -> (12, -1), `12_3` -> (12, 3): numeric order, an array's tasks after its id."""
+    head, _, task = job_id.partition("_")
+    return int(head), int(task) if task else -1
 
 
 def parse_squeue(text: str) -> dict[str, QueueRow]:
@@ -208,13 +219,14 @@ def _run(args: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess[
 def query(job_ids: Iterable[str]) -> Snapshot:
     """One `squeue` and one `sacct` call for all `job_ids`. Failures are recorded in
     `Snapshot.errors` (status still shows what the run files say)."""
-    ids = sorted({j for j in job_ids if j and j.isdigit()}, key=int)
+    ids = sorted({j for j in job_ids if j and JOB_ID_RE.match(j)}, key=job_sort_key)
     snap = Snapshot(time=time.time())
     if not ids:
         return snap
     joined = ",".join(ids)
     try:
-        sq = _run(["squeue", "-h", "--states=all", "-j", joined, "-o", SQUEUE_FORMAT])
+        # `-r`: one line per array task (a pending array's tasks are otherwise one `12_[2-3%2]` line).
+        sq = _run(["squeue", "-h", "-r", "--states=all", "-j", joined, "-o", SQUEUE_FORMAT])
         if sq.returncode == 0:
             snap.queue = parse_squeue(sq.stdout)
         elif "Invalid job id" not in sq.stderr:
