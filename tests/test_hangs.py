@@ -308,3 +308,51 @@ def test_the_ledger_counts_each_phase_and_the_straggler_window_leaves_out_the_wa
     record = pulse.record()
     assert record["compute_s"] == [0.3] and record["position"] == 2 and record["phase"] == "collective"
     assert record["step"] == 1 and record["train_s"] == 0.5
+
+
+# --- what `status RUN` shows ----------------------------------------------------------------------
+
+
+def test_status_shows_each_running_rank_its_stragglers_and_the_goodput(
+    fake: FakeSlurm, tmp_path: Path
+) -> None:
+    run_dir = submit.submit(TINY_SLURM, [], home=str(tmp_path), echo=lambda _: None)
+    now = time.time()
+    _event(run_dir, event="start", job_id="100", restart=0, attempt_key="100.0", nodes=["n1", "n2"],
+           world_size=2, resumed_step=0, launched=now - 16)  # fmt: skip
+    fake.set_state("100", "RUNNING")
+    for rank, step_s in ((0, 0.1), (1, 0.35)):
+        record = {**beat(rank, phase="forward", compute=[step_s] * 20), "written": now - 1,
+                  "last_progress": now - 2, "ledger": {"startup": 10.0, "forward": 5.0},
+                  "train_s": 4.0}  # fmt: skip
+        heartbeats.write_heartbeat(heartbeats.heartbeat_path(run_dir, "100.0", rank), record)
+    detail = status.run_detail(status.poll([run_dir])[0])
+    shown = "\n".join(status.detail_lines(detail))
+    assert "rank 1 on n2: step 10, forward, 2 s since progress, heartbeat 1 s ago" in shown, shown
+    assert "straggler now: rank 1 on n2: 3.5x the others' compute per step" in shown, shown
+    assert [s["rank"] for s in detail["stragglers"]] == [1]
+    good = detail["goodput"]
+    assert good["allocated_s"] == pytest.approx(2 * 15.0, abs=0.5), "launch -> rank 0's last heartbeat"
+    assert good["startup_s"] == 20.0 and good["productive_s"] == 8.0
+
+
+def test_status_names_the_rank_that_failed_first_from_the_heartbeats(fake: FakeSlurm, tmp_path: Path) -> None:
+    run_dir = submit.submit(TINY_SLURM, [], home=str(tmp_path), echo=lambda _: None)
+    _start(run_dir, "100")
+    _event(run_dir, event="exit", reason="failed", step=7, requeued=False, error="RuntimeError: peer closed")
+    errors = {
+        1: ("InjectedFault: MOE_ORCH_FAULT crash_at_step:7", NOW),
+        0: ("RuntimeError: peer closed", NOW + 0.2),
+    }
+    for rank, (error, at) in errors.items():
+        heartbeats.write_heartbeat(
+            heartbeats.heartbeat_path(run_dir, "100.0", rank), beat(rank, error=error, failed_at=at)
+        )
+    fake.set_state("100", None)
+    fake.add_acct("100", "FAILED", "1:0")
+    shown = "\n".join(status.detail_lines(status.run_detail(status.poll([run_dir])[0])))
+    expected = (
+        "first failure: rank 1 on n2: InjectedFault: MOE_ORCH_FAULT crash_at_step:7; "
+        "then rank 0 (+0.2 s): RuntimeError: peer closed"
+    )
+    assert expected in shown, shown

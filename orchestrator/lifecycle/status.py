@@ -261,8 +261,12 @@ def health(view: RunView, now: float | None = None) -> dict[str, Any]:
         },
         "ranks": [],
         "stragglers": [],
+        "first_failure": None,
     }
     cur = rec.current
+    if cur is not None and cur.attempt_key and cur.stop_reason == StopReason.FAILED:
+        beats = heartbeats.read_heartbeats(view.run_dir, cur.attempt_key)
+        out["first_failure"] = heartbeats.first_failure(beats)
     if cur is not None and cur.attempt_key and cur.state == AttemptState.RUNNING:
         beats = heartbeats.read_heartbeats(view.run_dir, cur.attempt_key)
         out["ranks"] = [r.to_dict() for r in heartbeats.rank_states(beats, stamp)]
@@ -331,6 +335,12 @@ def detail_lines(detail: dict[str, Any]) -> list[str]:
             f"  straggler now: rank {slow['rank']} on {slow['host']}: "
             f"{slow['factor']}x the others' compute per step"
         )
+    first = detail.get("first_failure")
+    if isinstance(first, dict):
+        then = "".join(
+            f"; then rank {c['rank']} (+{c['after_s']} s): {c['error']}" for c in first["consequences"]
+        )
+        lines.append(f"  first failure: rank {first['rank']} on {first['host']}: {first['error']}{then}")
     good = detail.get("goodput")
     if isinstance(good, dict) and good.get("allocated_s"):
         lines += ["  " + line for line in goodput.summary_lines(goodput.Goodput(**{
