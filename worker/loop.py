@@ -92,6 +92,7 @@ class Trainer:
     step: int = 0
     pulse: Pulse | None = None  # heartbeats and the stall watchdog (worker.heartbeat)
     fault_group: Any = None  # a process group only the `hang_at_step:...:collective` fault uses
+    pending_save: ckpt.BackgroundSave | None = None  # training.async_save: the save being written
 
     def enter(self, phase: str) -> None:
         """The main thread enters `phase` (the heartbeat shows it; the time ledger counts it)."""
@@ -138,9 +139,11 @@ class Trainer:
     def common_length(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Pad a micro-batch to the longest sequence of this micro-batch on ANY rank.
 
-        NOTE: DeepSpeed's gating sizes expert capacity from the local token count (batch x seq), and
-        the all_to_all needs the same capacity on every rank of the expert-parallel group; batches
-        padded to their own longest sequence would differ per rank and break the collective.
+        NOTE: it was needed while DeepSpeed's gating sized expert capacity from the local token
+        count (batch x seq), as the all_to_all needs the same capacity on every rank of the
+        expert-parallel group. The masked gate (worker/moe_gate.py) now agrees the capacity over the
+        group itself; the padding stays because removing it changes the matmul shapes, and so the
+        bits of the reference trajectories (tests/assets/losses), for one all-reduce per micro-batch.
         """
         import torch
         import torch.distributed as dist
@@ -229,7 +232,26 @@ class Trainer:
         total_loss, total_count = self.all_reduce([loss_sum, count])
         return total_loss / max(total_count, 1.0)
 
-    def save(self) -> ckpt.SaveResult:
+    def wait_for_save(self, timeout: float | None = None) -> ckpt.SaveResult | None:
+        """Block until the background save (if any) is published; its error is raised here."""
+        pending, self.pending_save = self.pending_save, None
+        if pending is None:
+            return None
+        if not pending.done():
+            self.enter("checkpoint")  # training waits for the previous save: checkpoint time
+        result = pending.wait(timeout)
+        if self.pulse is not None:
+            # A published save is progress, and the stall limit learns how long a write can take
+            # (the main thread may wait that long here).
+            self.pulse.saved(result.save_s)
+        return result
+
+    def save(self, *, background: bool = False) -> ckpt.SaveResult | None:
+        """Save at this step, every rank together. `background` (training.async_save): snapshot
+        the state, return, and let a thread write it (None is returned; rank 0's thread writes the
+        `checkpoint` event once the checkpoint is published). A save first waits for the previous
+        background save, so two never overlap."""
+        self.wait_for_save()
         offset = self.step % self.steps_per_epoch
         client_state = {
             "step": self.step,
@@ -242,6 +264,9 @@ class Trainer:
             "time": time.time(),
         }
         self.enter("checkpoint")
+        if background:
+            self._save_in_background(client_state)
+            return None
         result = ckpt.save_checkpoint(
             self.engine,
             self.run_dir,
@@ -261,6 +286,27 @@ class Trainer:
         )
         logger.info("saved checkpoint %s (%.2f s, %.1f MB)", result.tag, result.save_s, result.bytes / 1e6)
         return result
+
+    def _save_in_background(self, client_state: dict[str, Any]) -> None:
+        train_s = round(self.pulse.train_s, 3) if self.pulse is not None else None
+        reporter = self.reporter
+
+        def published(result: ckpt.SaveResult) -> None:  # in the save's thread, once published
+            reporter.event(
+                "checkpoint", tag=result.tag, step=client_state["step"], save_s=round(result.save_s, 3),
+                bytes=result.bytes, train_s=train_s, stall_s=round(result.stall_s or 0.0, 3), background=True,
+            )  # fmt: skip
+            logger.info("saved checkpoint %s in the background (%.2f s, training waited %.3f s, %.1f MB)",
+                        result.tag, result.save_s, result.stall_s or 0.0, result.bytes / 1e6)
+
+        self.pending_save = ckpt.start_background_save(
+            self.engine, self.run_dir, self.step, client_state, rank=self.info.rank,
+            keep=self.cfg.training.keep_checkpoints, hold_save_s=self.faults.hold_save_s, on_done=published,
+        )  # fmt: skip
+        if self.pulse is not None:
+            # NOTE: progress as of the snapshot: training goes on while the thread writes, so the
+            # stall watchdog sees steps, not the write (worker.heartbeat).
+            self.pulse.saved(self.pending_save.stall_s)
 
     # --- the loop --------------------------------------------------------------------------
     def train(self) -> int:
@@ -332,7 +378,7 @@ class Trainer:
             if eval_every is not None and self.step % eval_every == 0 and self.step < self.total_steps:
                 self._log_eval()
             if (self.step % t.save_steps == 0 or totals.save_requested) and self.step < self.total_steps:
-                self.save()
+                self.save(background=t.async_save)
                 last_saved = self.step
                 if totals.save_requested and self.info.is_main:
                     clear_save_now(self.run_dir)
@@ -341,6 +387,7 @@ class Trainer:
         self._log_eval()
         if last_saved != self.step:
             self.save()
+        self.wait_for_save()  # the final checkpoint may be the last background one
         if self.pulse is not None:
             self.pulse.disarm()  # trained and saved: the export and the teardown are not steps
         self.enter("export")

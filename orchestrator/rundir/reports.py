@@ -15,8 +15,10 @@ Readers skip a torn last line (the worker may be writing it) and lines that are 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +63,25 @@ def events_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / EVENTS
 
 
+EventListener = Callable[[Path, dict[str, Any]], None]
+_listeners: dict[str, EventListener] = {}
+
+
+def add_event_listener(name: str, listener: EventListener) -> None:
+    """Call `listener(run_dir, event)` after each event this process appends (once per `name`):
+    how notifications (orchestrator/notify.py) follow the events without a second writer."""
+    _listeners[name] = listener
+
+
 def append_event(run_dir: str | Path, name: str, **fields: Any) -> None:
-    """Append `{"event": name, "time": <now>, **fields}` and fsync it."""
-    _append_jsonl(events_path(run_dir), {"event": name, "time": time.time(), **fields})
+    """Append `{"event": name, "time": <now>, **fields}` and fsync it; then tell the listeners."""
+    record = {"event": name, "time": time.time(), **fields}
+    _append_jsonl(events_path(run_dir), record)
+    for key, listener in list(_listeners.items()):
+        try:
+            listener(Path(run_dir), record)
+        except Exception:  # a listener (a notification) never fails the writer
+            logging.getLogger(__name__).exception("event listener %s failed", key)
 
 
 def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -117,7 +135,9 @@ def metrics_path(run_dir: str | Path) -> Path:
 
 def append_metrics(run_dir: str | Path, record: dict[str, Any]) -> None:
     """One training line (step, epoch, loss, lm_loss, aux_loss, lr, grad_norm, tokens_per_s,
-    step_time_s, expert_load, label_routing), as the worker built it."""
+    step_time_s, expert_load, label_routing, routing_mi_bits, routing_mi_answer_bits,
+    routing_mi_max_bits, label_routing_loss when label routing is on, max_rss_mb), as the worker
+    built it (docs/design.md)."""
     _append_jsonl(metrics_path(run_dir), record)
 
 

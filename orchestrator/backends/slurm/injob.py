@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from orchestrator.backends.nodelist import plan_exclusion
 
@@ -128,6 +130,18 @@ def requeue_job(job_id: str) -> bool:
     return True
 
 
+def ignore_term() -> None:
+    """In a child process before it runs: ignore SIGTERM (SIG_IGN survives exec).
+
+    NOTE: `scontrol requeue` makes SLURM send SIGTERM to every process of the job's step at once,
+    our own children included; the worker's handler keeps the rank alive, but an `sinfo` or
+    `scontrol update` started after the requeue died with it (measured: the hang report's exclusion
+    read an empty partition). Ignoring TERM, `scontrol update ExcNodeList` works while the job is
+    COMPLETING, and the restart lands on another node.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def parse_scontrol_job(text: str) -> dict[str, str]:
     """`scontrol show job -o ID` -> {"Restarts": "0", "PreemptTime": "None", ...}."""
     fields: dict[str, str] = {}
@@ -142,7 +156,8 @@ def scontrol_show_job(job_id: str) -> dict[str, str]:
     """The job's `scontrol show job -o` fields; {} when scontrol cannot tell."""
     try:
         out = subprocess.run(
-            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30, check=False
+            ["scontrol", "show", "job", "-o", job_id],
+            capture_output=True, text=True, timeout=30, check=False, preexec_fn=ignore_term,
         )
     except (OSError, subprocess.SubprocessError) as exc:
         logger.warning("scontrol show job %s failed: %s", job_id, exc)
@@ -169,7 +184,9 @@ def partition_nodes(partition: str | None) -> dict[str, str]:
     """`sinfo -N`: the partition's nodes (every node when None) and their states; {} on failure."""
     args = ["sinfo", "-h", "-N", "-o", "%N|%T"] + (["-p", partition] if partition else [])
     try:
-        out = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+        out = subprocess.run(
+            args, capture_output=True, text=True, timeout=30, check=False, preexec_fn=ignore_term
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         logger.warning("sinfo failed: %s", exc)
         return {}
@@ -189,12 +206,13 @@ def exclude_next_run(job_id: str, hosts: Sequence[str], nodes_needed: int) -> st
     excluded = [] if current in ("(null)", "", "None") else current.split(",")
     pool = partition_nodes(os.environ.get("SLURM_JOB_PARTITION"))
     new, sentence = plan_exclusion(hosts, pool, excluded, nodes_needed)
+    logger.warning("exclusion of %s: partition %s, excluded %s: %s", hosts, pool, excluded, sentence)
     if new is None:
         return sentence
     try:
         out = subprocess.run(
             ["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={','.join(new)}"],
-            capture_output=True, text=True, timeout=30, check=False,
+            capture_output=True, text=True, timeout=30, check=False, preexec_fn=ignore_term,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError) as exc:
         return f"could not exclude {','.join(hosts)}: {exc}"
@@ -223,3 +241,8 @@ class SlurmRunningJob:
 
     def exclude_next(self, hosts: Sequence[str], nodes_needed: int) -> str:
         return exclude_next_run(self.job_id, hosts, nodes_needed)
+
+    def submit_successor(self, run_dir: Path) -> str | None:
+        from orchestrator.backends.slurm.chain import submit_successor
+
+        return submit_successor(self.job_id, run_dir)
