@@ -72,7 +72,7 @@ def test_summary_shows_the_global_batch_as_its_product() -> None:
 
 
 def test_top2_activates_two_experts_per_token() -> None:
-    summary = validate(load_config("mpt7b-moe-4x8"), check_data=False)
+    summary = validate(load_config("mpt7b-moe-4x8", ["moe.top_k=2"]), check_data=False)
     assert summary.params is not None and summary.active_params_per_token is not None
     p = summary.params
     assert summary.active_params_per_token == p.non_expert + p.expert * 2 // 8

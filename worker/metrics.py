@@ -3,7 +3,8 @@
 The files `events.jsonl`, `progress.json` and `metrics.jsonl` (their formats, writers and readers)
 belong to `orchestrator.rundir.reports`; `Reporter` calls it and adds TensorBoard (`tb/`) with the
 same scalars. Metrics lines hold step, epoch, loss, lm_loss, aux_loss, lr, grad_norm, tokens_per_s,
-step_time_s, expert_load and label_routing; eval lines `{"step", "eval_loss"}`.
+step_time_s, expert_load, label_routing, routing_mi_bits, routing_mi_answer_bits, routing_mi_max_bits
+and (label routing on) label_routing_loss; eval lines `{"step", "eval_loss"}`.
 
 Routing statistics (`RoutingStats`) are accumulated per micro-batch on every rank (no
 communication) and all-reduced once per logged step, over real tokens only (never padding):
@@ -97,6 +98,9 @@ class Reporter:
         for layer, shares in (record.get("expert_load") or {}).items():
             for expert, share in enumerate(shares):
                 self._tb.add_scalar(f"expert_load/layer_{layer}/expert_{expert}", share, step)
+        for key in ("routing_mi_bits", "routing_mi_answer_bits"):
+            for layer, bits in (record.get(key) or {}).items():
+                self._tb.add_scalar(f"{key}/layer_{layer}", bits, step)
 
     def log_eval(self, step: int, eval_loss: float) -> None:
         if not self.enabled:
