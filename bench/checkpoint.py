@@ -7,8 +7,11 @@ Each model runs on 2 fresh ranks (torch.multiprocessing, gloo, fp32, ZeRO-2, exp
 over both ranks, as `configs/tiny-cpu.yaml` trains), built as the worker builds it, after one
 optimizer step so that the Adam moments exist. Then, repeated and interleaved:
 - ours: `worker.checkpoint.save_checkpoint` (DeepSpeed's `save_checkpoint` into `.partial-<tag>`,
-  every rank fsyncs and sha256-hashes a share of the files, manifest, rename, `latest`, prune);
-  bytes/s = the manifest's total bytes / the call's wall time on rank 0;
+  each rank's files sha256-hashed as they are written and fsynced, manifest, rename, `latest`,
+  prune); bytes/s = the manifest's total bytes / the call's wall time (the slower rank);
+- async: `worker.checkpoint.start_background_save` (training.async_save) after each synchronous
+  save: the stall (the call's time: the CPU snapshot) against the synchronous save's time, and
+  the background save's time until published;
 - baseline: `dd if=/dev/zero of=<same dir>/f bs=1M count=<same MiB> conv=fsync` by rank 0 (the
   disk's plain sequential write + fsync for the same bytes, in the same folder);
 - load: `select_resume_checkpoint` (sha256 of every file, split over the ranks) + `load_checkpoint`
@@ -81,6 +84,36 @@ def _cat(folder: Path) -> float:
     return time.perf_counter() - start
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process so far, every thread (the fsync and save threads too)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _legacy_save(engine: Any, run: Path, step: int, client_state: dict[str, Any], rank: int) -> float:
+    """The save as it was before issue 14 (for the `[before]` rows, interleaved with ours):
+    DeepSpeed's own `torch.save` (CRC32 on), then every rank fsyncs and sha256-hashes a share of
+    the files by reading them back, all_gather, manifest, rename. Returns the seconds."""
+    import torch.distributed as dist
+
+    from orchestrator.rundir.checkpoints import finalize_checkpoint, hash_files
+    from worker import checkpoint as ckpt
+
+    started = time.perf_counter()
+    tag, _, partial = ckpt._prepare(run, step, rank)
+    engine.save_checkpoint(str(partial), tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()
+    shares: list[Any] = [None] * WORLD
+    dist.all_gather_object(shares, hash_files(partial / tag, rank, WORLD))
+    if rank == 0:
+        known = {k: v for share in shares for k, v in share.items()}
+        finalize_checkpoint(run, tag, step, client_state, 1, known)
+    dist.barrier()
+    return time.perf_counter() - started
+
+
 def _rank_main(rank: int, port: int, model: str, repeats: int, run_dir: str, out: str) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -122,14 +155,21 @@ def _rank_main(rank: int, port: int, model: str, repeats: int, run_dir: str, out
     run = Path(run_dir)
     records: list[dict[str, Any]] = []
     for i in range(repeats):
-        step = i + 1
+        step = 2 * i + 2  # the legacy save takes step 2i+1: ours is the newest, kept and loaded
         dist.barrier()
+        cpu0 = _cpu_s()
+        legacy_s = _legacy_save(engine, run, step - 1, {"step": step - 1, "epoch": 0}, rank)
+        cpu1 = _cpu_s()
+        dist.barrier()
+        cpu2 = _cpu_s()
         res = ckpt.save_checkpoint(
             engine, run, step, {"step": step, "epoch": 0, "micro_batch": 0, "world_size": WORLD},
             rank=rank, keep=1,
         )  # fmt: skip
+        cpu3 = _cpu_s()
         dist.barrier()
         rec: dict[str, Any] = {"step": step, "save_s": res.save_s, "bytes": res.bytes}
+        rec["legacy_save_s"], rec["legacy_cpu_s"], rec["save_cpu_s"] = legacy_s, cpu1 - cpu0, cpu3 - cpu2
         if rank == 0:
             rec["dd_s"] = _dd(run, res.bytes)
             rec["cat_s"] = _cat(res.path)
@@ -141,6 +181,20 @@ def _rank_main(rank: int, port: int, model: str, repeats: int, run_dir: str, out
         ckpt.load_checkpoint(engine, chosen)
         dist.barrier()
         rec["verify_s"], rec["load_s"] = verified - start, time.perf_counter() - start
+        dist.barrier()
+        extra = 1000 + step  # keep=None: the next legacy save stays older than the sync one
+        pending = ckpt.start_background_save(
+            engine, run, extra, {"step": extra, "epoch": 0, "micro_batch": 0, "world_size": WORLD},
+            rank=rank, keep=None,
+        )  # fmt: skip
+        rec["async_stall_s"] = pending.stall_s
+        rec["async_save_s"] = pending.wait().save_s
+        dist.barrier()
+        if rank == 0:  # the background save published step 1000+: take it away again
+            import shutil
+
+            shutil.rmtree(run / "checkpoints" / pending.tag)
+            (run / "checkpoints" / "latest").write_text(res.tag + "\n")
         records.append(rec)
     gathered: list[Any] = [None] * WORLD
     dist.all_gather_object(gathered, records)
@@ -174,6 +228,11 @@ def measure_model(model: str, repeats: int) -> dict[str, Any]:
     save_s = [max(r[i]["save_s"] for r in doc["ranks"]) for i in range(repeats)]
     load_s = [max(r[i]["load_s"] for r in doc["ranks"]) for i in range(repeats)]
     verify_s = [max(r[i]["verify_s"] for r in doc["ranks"]) for i in range(repeats)]
+    stall_s = [max(r[i]["async_stall_s"] for r in doc["ranks"]) for i in range(repeats)]
+    legacy_s = [max(r[i]["legacy_save_s"] for r in doc["ranks"]) for i in range(repeats)]
+    save_cpu = [sum(r[i]["save_cpu_s"] for r in doc["ranks"]) for i in range(repeats)]
+    legacy_cpu = [sum(r[i]["legacy_cpu_s"] for r in doc["ranks"]) for i in range(repeats)]
+    async_s = [max(r[i]["async_save_s"] for r in doc["ranks"]) for i in range(repeats)]
     n_bytes = rank0[-1]["bytes"]
     return {
         "model": model,
@@ -185,6 +244,11 @@ def measure_model(model: str, repeats: int) -> dict[str, Any]:
         "load_s": statistics.median(load_s),
         "verify_s": statistics.median(verify_s),
         "cat_s": statistics.median(r["cat_s"] for r in rank0),
+        "async_stall_s": statistics.median(stall_s),
+        "legacy_save_s": statistics.median(legacy_s),
+        "save_cpu_s": statistics.median(save_cpu),
+        "legacy_cpu_s": statistics.median(legacy_cpu),
+        "async_save_s": statistics.median(async_s),
         "files": files,
         "repeats": repeats,
         "ranks": doc["ranks"],
@@ -200,9 +264,29 @@ def results_from_records(records: list[dict[str, Any]]) -> list[Result]:
             Result(
                 f"checkpoint save {rec['model']}", ours=mb / rec["save_s"], baseline=mb / rec["dd_s"],
                 unit="MB/s", note=f"higher is better; {mb:.1f} MB, {len(rec['files'])} files, save "
-                f"{rec['save_s']:.2f} s vs dd {rec['dd_s']:.2f} s; median of {rec['repeats']}, 2 ranks",
+                f"{rec['save_s']:.2f} s vs dd {rec['dd_s']:.2f} s; median of {rec['repeats']}, 2 ranks"
+                + (f"; CPU {rec['save_cpu_s']:.2f} s (both ranks)" if "save_cpu_s" in rec else ""),
             )
         )  # fmt: skip
+        if "legacy_save_s" in rec:
+            results.append(
+                Result(
+                    f"checkpoint save {rec['model']} [before, interleaved]", ours=mb / rec["legacy_save_s"],
+                    baseline=mb / rec["dd_s"], unit="MB/s",
+                    note=f"the pre-issue-14 save (torch.save with CRC32, then fsync + sha256 by reading "
+                    f"back), alternating with ours in the same processes; save {rec['legacy_save_s']:.2f} s, "
+                    f"CPU {rec['legacy_cpu_s']:.2f} s",
+                )
+            )  # fmt: skip
+        if "async_stall_s" in rec:
+            results.append(
+                Result(
+                    f"checkpoint async stall {rec['model']}", ours=1e3 * rec["async_stall_s"],
+                    baseline=1e3 * rec["save_s"], unit="ms wall",
+                    note=f"training.async_save: training waits for the CPU snapshot only; baseline: the "
+                    f"synchronous save; the background write took {rec['async_save_s']:.2f} s",
+                )
+            )  # fmt: skip
         results.append(
             Result(
                 f"checkpoint load {rec['model']}", ours=1e3 * rec["load_s"], baseline=1e3 * rec["cat_s"],
@@ -228,6 +312,35 @@ def run(
     return results_from_records(records), records
 
 
+def _before(tree: Path, smoke: bool, models: list[str] | None, repeats: int | None) -> list[Result]:
+    """This benchmark as the source tree `tree` (a `git archive` of an earlier commit) has it, run
+    from that tree in a subprocess: its rows, renamed `... [before]`."""
+    with tempfile.TemporaryDirectory(prefix="bench-ckpt-before-") as tmp:
+        out = Path(tmp) / "before.json"
+        argv = [sys.executable, "-m", "bench.checkpoint", "--no-write", "--json-out", str(out)]
+        if smoke:
+            argv.append("--smoke")
+        if models:
+            argv += ["--models", *models]
+        if repeats:
+            argv += ["--repeats", str(repeats)]
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        subprocess.run(argv, cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
+        rows = json.loads(out.read_text(encoding="utf-8"))["results"]
+    return [Result(**{**row, "name": f"{row['name']} [before]"}) for row in rows]
+
+
+def _side_by_side(ours: list[Result], before: list[Result]) -> list[Result]:
+    """Each row followed by the `[before]` row of the same name, when there is one."""
+    by_name = {r.name.removesuffix(" [before]"): r for r in before}
+    out: list[Result] = []
+    for row in ours:
+        out.append(row)
+        if row.name in by_name:
+            out.append(by_name.pop(row.name))
+    return out + list(by_name.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -237,10 +350,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="saves (and loads) per model (3)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results")
     parser.add_argument("--json-out", type=Path, help="also write the rows and records to this file")
+    parser.add_argument(
+        "--before-tree", type=Path, help="first run this benchmark of another source tree (rows `[before]`)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    before: list[Result] = []
+    if args.before_tree is not None:
+        before = _before(args.before_tree.resolve(), args.smoke, args.models, args.repeats)
     results, records = run(args.smoke, args.models, args.repeats)
+    results = _side_by_side(results, before)
     print(markdown_table(results))
     if args.json_out:
         doc = {"results": [r.to_dict() for r in results], "records": records}

@@ -2,6 +2,17 @@
 
     python -m bench.cli_latency            # 1,000 runs, 7 timed repeats per command
     python -m bench.cli_latency --smoke    # 40 runs, 2 repeats (CI)
+    git archive <rev> | tar -x -C /tmp/before
+    python -m bench.cli_latency --before-tree /tmp/before   # + the same commands from that tree
+
+`--before-tree DIR` times the same commands from another source tree (a `git archive` of an earlier
+commit), in the same round-robin, each against its own generated home of the same runs: rows
+`... [before]`, so a change is read side by side with what it replaced.
+
+Bytecode: the commands run with Python's bytecode cache on (into a private `PYTHONPYCACHEPREFIX`,
+filled by the warm-up round), as an installed package runs; `PYTHONDONTWRITEBYTECODE` in the
+caller's environment would otherwise make every call compile moe-orch's sources again (about 70 ms
+of `validate`).
 
 Every command runs as a user runs it: a fresh process of the installed console script
 (`<venv>/bin/moe-orch`), timed wall-clock from spawn to exit, round-robin with the floor
@@ -198,8 +209,33 @@ def _timed(argv: list[str], env: dict[str, str]) -> float:
     return elapsed
 
 
-def measure(n_runs: int, repeats: int, warmup: int = 1) -> tuple[list[Result], dict[str, Any]]:
-    """Time the three commands and the floor round-robin; returns the rows and the raw samples."""
+def _launcher(folder: Path, tree: Path) -> Path:
+    """A console script like `<venv>/bin/moe-orch` that runs the moe-orch of source tree `tree`."""
+    script = folder / "moe-orch-before"
+    script.write_text(
+        f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(tree)!r})\n"
+        "from orchestrator.cli import main\nsys.exit(main())\n",
+        encoding="utf-8",
+    )
+    script.chmod(0o755)
+    return script
+
+
+def _commands(moe_orch: str, configs: Path, suffix: str) -> dict[str, list[str]]:
+    return {
+        f"help{suffix}": [moe_orch, "--help"],
+        f"validate{suffix}": [moe_orch, "validate", str(configs / VALIDATE_CONFIG.name)],
+        f"status{suffix}": [moe_orch, "status"],
+        # Before `--all` existed, `status` showed every run.
+        f"status --all{suffix}": [moe_orch, "status", *(["--all"] if not suffix else [])],
+    }
+
+
+def measure(
+    n_runs: int, repeats: int, warmup: int = 1, before_tree: Path | None = None
+) -> tuple[list[Result], dict[str, Any]]:
+    """Time the commands and the floor round-robin (and the same commands of `before_tree`);
+    returns the rows and the raw samples."""
     moe_orch = shutil.which("moe-orch", path=str(_venv_bin())) or str(_venv_bin() / "moe-orch")
     with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
         home, fake = Path(tmp) / "home", Path(tmp) / "fake-slurm"
@@ -207,25 +243,32 @@ def measure(n_runs: int, repeats: int, warmup: int = 1) -> tuple[list[Result], d
         kinds = make_home(home, n_runs, fake)
         make_s = time.perf_counter() - t0
         env = dict(os.environ)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         env.update(
             PATH=f"{fake / 'bin'}{os.pathsep}{env.get('PATH', '')}",
             BENCH_FAKE_SLURM=str(fake),
             MOE_ORCH_HOME=str(home),
             COLUMNS="200",
+            PYTHONPYCACHEPREFIX=str(Path(tmp) / "pycache"),
         )
-        commands = {
-            "floor": [sys.executable, "-c", "pass"],
-            "help": [moe_orch, "--help"],
-            "validate": [moe_orch, "validate", str(VALIDATE_CONFIG)],
-            "status": [moe_orch, "status"],
-        }
+        envs: dict[str, dict[str, str]] = {}
+        commands = {"floor": [sys.executable, "-c", "pass"]}
+        commands.update(_commands(moe_orch, VALIDATE_CONFIG.parent, ""))
+        if before_tree is not None:
+            old_home, old_fake = Path(tmp) / "home-before", Path(tmp) / "fake-slurm-before"
+            make_home(old_home, n_runs, old_fake)
+            old = _commands(str(_launcher(Path(tmp), before_tree)), before_tree / "configs", " [before]")
+            commands.update(old)
+            envs = {name: {**env, "MOE_ORCH_HOME": str(old_home), "BENCH_FAKE_SLURM": str(old_fake),
+                           "PATH": f"{old_fake / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+                    for name in old}  # fmt: skip
         samples: dict[str, list[float]] = {name: [] for name in commands}
         status_calls: list[dict[str, int]] = []
         for i in range(warmup + repeats):
             for name, argv in commands.items():
                 before = count_calls(fake)
-                t = _timed(argv, env)
-                if name == "status":
+                t = _timed(argv, envs.get(name, env))
+                if name in ("status", "status --all"):
                     after = count_calls(fake)
                     status_calls.append({k: after[k] - before[k] for k in after})
                 if i >= warmup:
@@ -242,19 +285,25 @@ def measure(n_runs: int, repeats: int, warmup: int = 1) -> tuple[list[Result], d
         lo, hi = spread[name]
         return f"min {lo:.0f}, max {hi:.0f} ms over {repeats}"
 
-    results = [
-        Result("cli python -c pass (floor)", ours=floor_ms, unit="ms wall", note=note("floor")),
-        Result("cli moe-orch --help", ours=1e3 * med["help"], baseline=floor_ms, unit="ms wall",
-               note=note("help")),
-        Result("cli moe-orch validate mpt7b-moe-4x8", ours=1e3 * med["validate"], baseline=floor_ms,
-               unit="ms wall", note=note("validate")),
-        Result(
-            f"cli moe-orch status ({n_runs} runs)", ours=1e3 * med["status"], baseline=floor_ms,
-            unit="ms wall",
-            note=f"{note('status')}; {kinds['running_slurm']} running slurm runs; scheduler calls per "
-            f"status: squeue {per_call['squeue']}, sacct {per_call['sacct']}",
-        ),
-    ]  # fmt: skip
+    results = [Result("cli python -c pass (floor)", ours=floor_ms, unit="ms wall", note=note("floor"))]
+    for suffix in ("", " [before]") if before_tree is not None else ("",):
+        results += [
+            Result(f"cli moe-orch --help{suffix}", ours=1e3 * med[f"help{suffix}"], baseline=floor_ms,
+                   unit="ms wall", note=note(f"help{suffix}")),
+            Result(f"cli moe-orch validate mpt7b-moe-4x8{suffix}", ours=1e3 * med[f"validate{suffix}"],
+                   baseline=floor_ms, unit="ms wall", note=note(f"validate{suffix}")),
+            Result(
+                f"cli moe-orch status ({n_runs} runs){suffix}", ours=1e3 * med[f"status{suffix}"],
+                baseline=floor_ms, unit="ms wall",
+                note=f"{note(f'status{suffix}')}; {kinds['running_slurm']} running slurm runs"
+                + (f"; scheduler calls per status: squeue {per_call['squeue']}, sacct {per_call['sacct']}"
+                   if not suffix else ""),
+            ),
+            Result(f"cli moe-orch status --all ({n_runs} runs){suffix}",
+                   ours=1e3 * med[f"status --all{suffix}"], baseline=floor_ms, unit="ms wall",
+                   note=note(f"status --all{suffix}") + ("; the same as status before --all existed"
+                                                        if suffix else "")),
+        ]  # fmt: skip
     raw = {
         "samples_s": samples,
         "medians_s": med,
@@ -265,6 +314,7 @@ def measure(n_runs: int, repeats: int, warmup: int = 1) -> tuple[list[Result], d
         "scheduler_calls_outside_status": stray,
         "repeats": repeats,
         "warmup": warmup,
+        "before_tree": str(before_tree) if before_tree else None,
     }
     return results, raw
 
@@ -278,11 +328,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed invocations per command (7)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results")
     parser.add_argument("--json-out", type=Path, help="also write the rows and raw samples to this file")
+    parser.add_argument(
+        "--before-tree", type=Path, help="also time the commands of this source tree (rows `[before]`)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     n_runs = args.runs or (40 if args.smoke else 1000)
     repeats = args.repeats or (2 if args.smoke else 7)
-    results, raw = measure(n_runs, repeats, warmup=0 if args.smoke else 1)
+    before = args.before_tree.resolve() if args.before_tree else None
+    results, raw = measure(n_runs, repeats, warmup=0 if args.smoke else 1, before_tree=before)
     print(markdown_table(results))
     if args.json_out:
         doc = {"results": [r.to_dict() for r in results], "raw": raw}

@@ -4,12 +4,14 @@ Shared pieces for every command (add new commands below, in the same shape):
 - `ConfigArg`, `SetOption`, `HomeOption`: the common arguments and options;
 - `_run_cli(fn)`: runs the library call and maps a `MoeOrchError` to one red line per issue on
   stderr and the error's exit code (ConfigError: 2), never a traceback for a user's error;
-- `out` / `err`: the rich consoles (stdout for results, stderr for errors and warnings);
+- `out` / `err`: the rich consoles (stdout for results, stderr for errors and warnings), and
+  `Console`, `Table`, `Text`: rich imported at first use (`orchestrator/console.py`);
 - secrets never reach the terminal: error, warning and `_echo` lines and log records go through
   `orchestrator.redact` (status and logs redact in their library code too).
 
-Nothing heavy is imported here: no torch, deepspeed or transformers, and submitit or matplotlib
-only inside the commands that use them, so `moe-orch --help` starts fast.
+Nothing heavy is imported here: no torch, deepspeed or transformers, and submitit, matplotlib,
+the schema (pydantic) and rich only inside the commands that use them, so `moe-orch --help` starts
+fast.
 """
 
 from __future__ import annotations
@@ -19,13 +21,11 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
+from orchestrator.console import Console, Table, Text, err, out
 from orchestrator.errors import ConfigError, MoeOrchError
 from orchestrator.redact import RedactingFilter, redact
 
@@ -39,11 +39,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    # NOTE: click's plain help and usage errors: typer's rich help imports rich, markdown-it and
+    # pygments, which tripled the time of `moe-orch --help` (issue 14, bench/cli_latency.py).
+    rich_markup_mode=None,
 )
-
-# soft_wrap: an error stays one line however narrow the terminal; highlight off: no guessing colours.
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DEFAULT_HOME = Path("runs")
 
@@ -238,9 +237,6 @@ def configs() -> None:
 # --- runs: submit, status, logs, cancel, plot, watch, resume (library: orchestrator/lifecycle/submit.py,
 # status.py, logs.py, plot.py, watch.py) ---------------------------------------------------------
 
-if TYPE_CHECKING:
-    from orchestrator.lifecycle.status import RunView
-
 RunArg = Annotated[str, typer.Argument(metavar="RUN", help="A run id (or a unique prefix), or its folder.")]
 
 
@@ -282,27 +278,128 @@ def submit(
             raise typer.Exit(1)
 
 
-def _status_table(views: list[RunView]) -> Table:
-    from orchestrator.lifecycle.status import table_rows
+def _kind(home: Path | None, spec: str) -> tuple[str, Path]:
+    """("sweep", folder) or ("run", run directory) for a RUN|SWEEP argument."""
+    from orchestrator.lifecycle.sweep import resolve
 
-    table = Table(box=None, pad_edge=False)
-    rows = table_rows(views)
-    for col in ("run", "state", "attempts", "step", "progress", "loss", "tokens/s", "eta", "age"):
-        table.add_column(col, no_wrap=col in ("run", "progress"))
+    return _run_cli(lambda: resolve(home_dir(home), spec))
+
+
+def _element_or_run(home: Path | None, spec: str, element: int | None) -> Path:
+    kind, path = _kind(home, spec)
+    if kind == "run":
+        if element is not None:
+            _print_error(MoeOrchError(f"{spec} is a run, not a sweep; leave out --element"))
+            raise typer.Exit(2)
+        return path
+    from orchestrator.lifecycle.sweep import element_dir
+
+    if element is None:
+        _print_error(MoeOrchError(f"{spec} is a sweep: name an element with --element K (`status {spec}`)"))
+        raise typer.Exit(2)
+    return _run_cli(lambda: element_dir(path, element))
+
+
+def _sweep_status(sweep_dir: Path, *, as_json: bool) -> None:
+    import json
+
+    from orchestrator.lifecycle.sweep import status_rows, sweep_status
+
+    data = _run_cli(lambda: sweep_status(sweep_dir))
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    header, rows = status_rows(data)
+    table = Table(box=None, pad_edge=False, title=f"sweep {data['sweep_id']}", title_justify="left")
+    for col in header:
+        table.add_column(col, no_wrap=col == "run")
     for row in rows:
-        table.add_row(*(Text(v) for v in row.values()))
-    return table
+        table.add_row(*(Text(v) for v in row))
+    wide = out if out.is_terminal else Console(highlight=False, soft_wrap=True, width=250)
+    wide.print(table)
+    best = data["best"]
+    line = f"best (lowest eval loss): element {best}" if best is not None else "best: no eval loss yet"
+    wide.print(Text(line))
+
+
+@app.command()
+def sweep(
+    config: ConfigArg,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grid",
+            "-g",
+            metavar="KEY=V1,V2,...",
+            help="A config field and its values (repeatable; each value is YAML). Every combination of "
+            "all grids (and the config's sweep.grid) is one element.",
+            show_default=False,
+        ),
+    ] = None,
+    max_parallel: Annotated[
+        int | None,
+        typer.Option(
+            "--max-parallel", min=1, help="Elements running at once (--array=...%P).", show_default=False
+        ),
+    ] = None,
+    set_: SetOption = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the elements and the rendered files; submit nothing.")
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the elements to their end; exit 0 only if all completed.")
+    ] = False,
+    home: HomeOption = None,
+) -> None:
+    """Run a grid of configs as ONE job array: each element a run of its own, in a sweep folder."""
+    from orchestrator.lifecycle import sweep as sweep_lib
+
+    grids, sets, root = grid or [], set_ or [], str(home_dir(home))
+    if dry_run:
+        _run_cli(
+            lambda: sweep_lib.dry_run(config, sets, grids, max_parallel=max_parallel, home=root, echo=_echo)
+        )
+        return
+    sweep_dir = _run_cli(
+        lambda: sweep_lib.submit_sweep(config, sets, grids, max_parallel=max_parallel, home=root, echo=_echo)
+    )
+    if wait:
+        from orchestrator.lifecycle.watch import watch as watch_runs
+
+        dirs = [str(d) for d in sweep_lib.element_dirs(sweep_dir)]
+        views = _run_cli(lambda: watch_runs(home_dir(home), dirs, interval=5.0, once=False, echo=_echo))
+        _sweep_status(sweep_dir, as_json=False)
+        if any(v.record.state != "completed" for v in views):
+            raise typer.Exit(1)
+
+
+def _status_lines(root: Path, show_all: bool) -> list[str]:
+    """The `status` table as plain lines (lifecycle/status.py `list_status`, `format_table`)."""
+    from orchestrator.lifecycle.status import format_table, list_status
+
+    listing = list_status(root, show_all=show_all)
+    lines = format_table(listing.rows)
+    if listing.hidden_finished:
+        lines.append(f"({listing.hidden_finished} older finished runs not shown; --all shows every run)")
+    return lines
 
 
 @app.command()
 def status(
     run: Annotated[str | None, typer.Argument(metavar="[RUN]", help="Show one run in detail.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run record(s) as JSON.")] = False,
+    show_all: Annotated[
+        bool,
+        typer.Option(
+            "--all", help="Every run in the table (default: active runs and the 10 most recently finished)."
+        ),
+    ] = False,
     watch_: Annotated[bool, typer.Option("--watch", help="Refresh live until Ctrl-C.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
     home: HomeOption = None,
 ) -> None:
-    """All runs as a table (state, attempts, step, loss, tokens/s, ETA), or one run in detail."""
+    """Active and recently finished runs as a table (state, attempts, step, loss, tokens/s, ETA),
+    or one run in detail."""
     import json
     import time
 
@@ -310,16 +407,24 @@ def status(
     from orchestrator.rundir import runs as runs_lib
 
     root = home_dir(home)
-    dirs = [_find(home, run)] if run else runs_lib.list_runs(root)
-    if not dirs and not as_json:
-        out.print(Text(f"no runs under {root} (submit one with `moe-orch submit CONFIG`)"))
+    if run and _kind(home, run)[0] == "sweep":
+        _sweep_status(_kind(home, run)[1], as_json=as_json)
         return
+    if run is None and not as_json:
+        lines = _run_cli(lambda: _status_lines(root, show_all))
+        if not lines:
+            out.print(Text(f"no runs under {root} (submit one with `moe-orch submit CONFIG`)"))
+            return
+        if not watch_:
+            # NOTE: plain text, as wide as it needs (rich took a second for 1,000 rows).
+            sys.stdout.write("\n".join(lines) + "\n")
+            return
+    dirs = [_find(home, run)] if run else runs_lib.list_runs(root)
 
-    def render() -> Text | Table:
-        views = poll(dirs)
-        if run:
-            return Text("\n".join(detail_lines(run_detail(views[0]))))
-        return _status_table(views)
+    def render() -> Text:
+        if run is None:
+            return Text("\n".join(_status_lines(root, show_all)))
+        return Text("\n".join(detail_lines(run_detail(poll(dirs)[0]))))
 
     if as_json:
         views = _run_cli(lambda: poll(dirs))
@@ -356,12 +461,15 @@ def logs(
         bool, typer.Option("--stderr", help="Show stderr (tracebacks) instead of stdout.")
     ] = False,
     tail: Annotated[int | None, typer.Option("--tail", help="Last N lines of each rank and attempt.")] = None,
+    element: Annotated[
+        int | None, typer.Option("--element", help="For a sweep: this element (see `status SWEEP`).")
+    ] = None,
     home: HomeOption = None,
 ) -> None:
     """Every rank's output across attempts, each line prefixed with its rank (and attempt)."""
     from orchestrator.lifecycle.logs import follow_logs, show_logs
 
-    run_dir = _find(home, run)
+    run_dir = _element_or_run(home, run, element)
     _run_cli(lambda: show_logs(run_dir, rank=rank, attempt=attempt, stderr=stderr, tail=tail, echo=_echo))
     if follow_:
         _run_cli(lambda: follow_logs(run_dir, rank=rank, stderr=stderr, echo=_echo, start_at_end=True))
@@ -372,7 +480,14 @@ def cancel(run: RunArg, home: HomeOption = None) -> None:
     """Cancel the run's job; the run ends `cancelled` and is never requeued or resubmitted."""
     from orchestrator.lifecycle.control import cancel as cancel_run
 
-    rec = _run_cli(lambda: cancel_run(_find(home, run)))
+    kind, path = _kind(home, run)
+    if kind == "sweep":
+        from orchestrator.lifecycle.sweep import cancel_sweep
+
+        for line in _run_cli(lambda: cancel_sweep(path)):
+            _echo(line)
+        return
+    rec = _run_cli(lambda: cancel_run(path))
     job = rec.current.job_id if rec.current else None
     out.print(Text(f"{rec.run_id}: cancelled" + (f" (job {job})" if job else "")))
 
@@ -386,7 +501,14 @@ def plot(
     """Plot loss, eval loss, tokens/s, expert load per layer and the expert_label x expert heatmap."""
     from orchestrator.lifecycle.plot import plot_run
 
-    path = _run_cli(lambda: plot_run(_find(home, run), out_file))
+    kind, target = _kind(home, run)
+    if kind == "sweep":
+        from orchestrator.lifecycle.sweep import plot_sweep
+
+        path = _run_cli(lambda: plot_sweep(target, out_file))
+        out.print(Text(f"wrote {path}"))
+        return
+    path = _run_cli(lambda: plot_run(target, out_file))
     out.print(Text(f"wrote {path}"))
 
 
@@ -400,9 +522,11 @@ def watch(
     home: HomeOption = None,
 ) -> None:
     """Resubmit attempts that died without a requeue, within the budgets; exclude failed nodes."""
+    from orchestrator.lifecycle.sweep import sweep_run_dirs
     from orchestrator.lifecycle.watch import watch as watch_runs
 
-    _run_cli(lambda: watch_runs(home_dir(home), runs or [], interval=interval, once=once, echo=_echo))
+    specs = _run_cli(lambda: sweep_run_dirs(home_dir(home), runs or []))  # a sweep: its elements
+    _run_cli(lambda: watch_runs(home_dir(home), specs, interval=interval, once=once, echo=_echo))
 
 
 NodesOption = Annotated[

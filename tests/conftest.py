@@ -42,6 +42,7 @@ MODULES: dict[str, str] = {
     "test_bf16_cpu.py": "worker",
     "test_bench_smoke.py": "unit",
     "test_checkpoint.py": "unit",
+    "test_checkpoint_async.py": "worker",  # torch.save through the hashing writer, kill -9 mid-save
     "test_cli.py": "unit",
     "test_config_read_errors.py": "unit",
     "test_data.py": "worker",  # worker.data and worker.tokenizer: numpy, tokenizers, transformers
@@ -63,6 +64,7 @@ MODULES: dict[str, str] = {
     "test_preemption_unit.py": "unit",
     "test_rank_failure_slurm.py": "cluster",
     "test_redact.py": "unit",
+    "test_status_listing.py": "unit",
     "test_routing.py": "worker",  # the real DeepSpeed MoE and the dropless layer; 2-rank label routing
     "test_routing_mi.py": "unit",  # the MI metric, label assignment, status/plot display
     "test_render.py": "unit",
@@ -80,6 +82,10 @@ MODULES: dict[str, str] = {
     "test_slurm_parse.py": "unit",
     "test_topology.py": "unit",
     "test_submit_unit.py": "unit",
+    "test_sweep.py": "unit",
+    "test_sweep_slurm.py": "cluster",
+    "test_chain_slurm.py": "cluster",
+    "test_chain_notify.py": "unit",
     "test_validate_rules.py": "unit",
     "test_validate_summary.py": "unit",
     "test_watch.py": "unit",

@@ -37,12 +37,13 @@ def test_cli_latency_smoke_compares_each_command_with_the_python_floor_and_statu
         "cli moe-orch --help",
         "cli moe-orch validate mpt7b-moe-4x8",
         "cli moe-orch status (40 runs)",
+        "cli moe-orch status --all (40 runs)",
     ]
     floor = rows[0].ours
     assert all(r.baseline == floor and r.ratio == r.ours / floor for r in rows[1:])
     raw = json.loads(out.read_text())["raw"]
     assert raw["run_kinds"] == {"running_slurm": 20, "completed_slurm": 10, "completed_local": 10}
-    assert raw["scheduler_calls_per_status"] == [{"squeue": 1, "sacct": 1}] * 2
+    assert raw["scheduler_calls_per_status"] == [{"squeue": 1, "sacct": 1}] * 4  # status, status --all
     assert raw["scheduler_calls_outside_status"] == {"squeue": 0, "sacct": 0}
 
 
@@ -189,8 +190,9 @@ def test_learning_variants_set_the_whole_moe_section() -> None:
     from bench import learning
 
     assert learning.moe_sets(learning.VARIANTS["top2+label0.1"]) == [
-        "moe.enabled=true", "moe.num_experts=4", "moe.implementation=\"deepspeed\"", "moe.ep_size=2",
-        "moe.capacity_factor=1.0", "moe.top_k=2", "moe.drop_tokens=true", "moe.label_routing.weight=0.1",
+        "moe.enabled=true", "moe.num_experts=4", "moe.aux_loss_weight=0.01", "moe.label_routing.weight=0.1",
+        "moe.implementation=\"deepspeed\"", "moe.ep_size=2", "moe.capacity_factor=1.0", "moe.top_k=2",
+        "moe.drop_tokens=true",
     ]  # fmt: skip
 
 

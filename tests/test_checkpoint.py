@@ -124,3 +124,34 @@ def test_ranks_split_the_hashing_and_together_catch_a_flipped_byte(tmp_path: Pat
     verdicts = [ckpt.verify_checkpoint(path, rank=r, world_size=2) for r in range(2)]
     assert verdicts.count(False) == 1  # exactly the rank that hashes that file notices
     assert not all(verdicts)  # which is what the ranks' MIN all-reduce acts on
+
+
+def test_the_hashing_writer_hashes_what_it_writes_including_a_forward_seek(tmp_path: Path) -> None:
+    import hashlib
+
+    path = tmp_path / "f.bin"
+    writer = ckpt.HashingWriter(path)
+    writer.write(b"abc")
+    writer.write(memoryview(bytearray(b"\x01\x02")))
+    assert writer.seek(3, 1) == 8  # torch's zip writer skips metadata-only records: zeros
+    writer.flush()
+    entry = writer.close()
+    data = path.read_bytes()
+    assert data == b"abc\x01\x02\x00\x00\x00"
+    assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": 8}
+
+
+def test_the_hashing_writer_refuses_to_seek_backwards(tmp_path: Path) -> None:
+    writer = ckpt.HashingWriter(tmp_path / "f.bin")
+    writer.write(b"abcd")
+    with pytest.raises(OSError, match="front to back"):
+        writer.seek(0)
+    writer.close(fsync=False)
+
+
+def test_ranks_hash_shares_of_about_equal_bytes_every_file_once() -> None:
+    sizes = {"optim_0.pt": 100, "optim_1.pt": 100, "module.pt": 90, "e0.pt": 5, "e1.pt": 5, "j.json": 1}
+    shares = ckpt.hash_shares(sizes, 2)
+    assert sorted(f for share in shares for f in share) == sorted(sizes)
+    assert [sum(sizes[f] for f in share) for share in shares] == [190, 111]  # a file is never split
+    assert ckpt.hash_shares(sizes, 1) == [sorted(sizes, key=lambda f: (-sizes[f], f))]

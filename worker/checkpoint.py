@@ -6,32 +6,53 @@ The files themselves (layout, manifests, verification, `latest`, pruning) belong
 
 A save (`save_checkpoint`, every rank calls it):
 1. every rank: `engine.save_checkpoint(checkpoints/.partial-<tag>, tag, save_latest=False)`;
-2. barrier; every rank fsyncs and sha256-hashes a share of the files (all_gather to rank 0);
-   rank 0 writes `client_state.json`, then `manifest.json` (last), renames
-   `.partial-<tag>/<tag>` to `checkpoints/<tag>`, fsyncs the folder, replaces `latest`, prunes
-   to `keep_checkpoints` (never the newest valid one) and removes stale `.partial-*` folders
-   (`finalize_checkpoint`);
+   DeepSpeed's `torch.save` calls go through `HashingCheckpointEngine`, which writes each file
+   through a `HashingWriter` (sha256 computed from the bytes as they are written, never by reading
+   the file back) and fsyncs it in a thread while the next file is serialized;
+2. every rank waits for its fsyncs; the ranks all_gather their files' manifest entries; rank 0
+   writes `client_state.json`, then `manifest.json` (last; it hashes the few files DeepSpeed wrote
+   past the engine, e.g. `zero_to_fp32.py`), renames `.partial-<tag>/<tag>` to `checkpoints/<tag>`,
+   fsyncs the folder, replaces `latest`, prunes to `keep_checkpoints` (never the newest valid one)
+   and removes stale `.partial-*` folders (`finalize_checkpoint`);
 3. barrier: when it returns, the checkpoint is durable on every rank's view.
 
+A background save (`start_background_save`, `training.async_save`): step 1 only copies the state
+DeepSpeed hands to `torch.save` into CPU memory (a snapshot: the next optimizer step cannot change
+it), then a thread on every rank writes and hashes the files as above, the threads all_gather their
+entries over a process group of their own (gloo; the training collectives keep the default group)
+and rank 0's thread publishes the checkpoint. Until then the folder is `.partial-<tag>`, so a
+kill -9 during the write leaves the previous checkpoint the newest valid one. The caller waits
+for one background save (`BackgroundSave.wait`) before it starts the next.
+
+NOTE: torch's zip writer computes a CRC32 of every record (about as costly as the sha256); saves
+turn it off (`torch.serialization.set_crc32_options(False)`): the manifest's sha256 guards every
+byte, and `torch.load` reads such files (only an external `unzip` would complain).
+
 Resume (`select_resume_checkpoint`) picks the newest checkpoint whose manifest verifies, as
-`latest_valid_checkpoint` does, with the hashing split over the ranks. torch is imported inside
-the functions.
+`latest_valid_checkpoint` does, with the hashing split over the ranks by bytes. torch is imported
+inside the functions.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
+import os
 import shutil
+import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestrator.rundir.checkpoints import (
     PARTIAL_PREFIX,
+    HashingWriter,
     checkpoints_dir,
     finalize_checkpoint,
-    hash_files,
     latest_valid_checkpoint,
     list_checkpoints,
     read_client_state,
@@ -47,21 +68,138 @@ class SaveResult:
     tag: str
     path: Path
     save_s: float
+    """Seconds from the call until the checkpoint was published (a background save: its write too)."""
     bytes: int
+    stall_s: float | None = None
+    """A background save: the seconds training waited (the snapshot); None for a synchronous one."""
 
 
-def _gather_hashes(folder: Path, rank: int) -> dict[str, dict[str, Any]]:
-    import torch.distributed as dist
+class HashingCheckpointEngine:
+    """Wraps the engine's DeepSpeed checkpoint engine (`engine.checkpoint_engine`) so that saves
+    hash while writing (`mode` "hash") or only snapshot the state for a background write (`mode`
+    "snapshot"); with `mode` None, and for loads, it is the wrapped engine."""
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return hash_files(folder)
-    world = dist.get_world_size()
-    shares: list[Any] = [None] * world
-    dist.all_gather_object(shares, hash_files(folder, rank, world))
-    merged: dict[str, dict[str, Any]] = {}
-    for share in shares:
-        merged.update(share)
-    return merged
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.mode: str | None = None
+        self.folder: Path | None = None  # the tag's folder being saved
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.fsyncs: list[Future[dict[str, Any]]] = []
+        self.snapshots: list[tuple[Path, Any]] = []
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckpt-fsync")
+        self.group: Any = None  # the background saves' gloo group, made at the first one
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        if self.mode is None:
+            self.inner.save(state_dict, path)
+        elif self.mode == "snapshot":
+            self.snapshots.append((Path(path), _cpu_snapshot(state_dict)))
+        else:
+            writer = _write_hashed(state_dict, Path(path))
+            self.fsyncs.append(self.pool.submit(writer.close))
+            self.entries[self._rel(Path(path))] = writer.entry()
+
+    def preserves_storage_sharing(self) -> bool:
+        # NOTE: in snapshot mode DeepSpeed must not clone first: `_cpu_snapshot` clones the same way
+        # (every tensor to its own CPU storage), and twice would double the stall.
+        return self.mode != "snapshot" and bool(self.inner.preserves_storage_sharing())
+
+    def _rel(self, path: Path) -> str:
+        assert self.folder is not None
+        return _relpath(path, self.folder)
+
+    @contextlib.contextmanager
+    def recording(self, mode: str, folder: Path) -> Iterator[None]:
+        self.mode, self.folder = mode, folder.resolve()
+        self.entries, self.fsyncs, self.snapshots = {}, [], []
+        try:
+            yield
+        finally:
+            self.mode = None
+
+    def durable_entries(self) -> dict[str, dict[str, Any]]:
+        """Wait for this save's fsyncs; the manifest entries of the files this rank wrote."""
+        for done in self.fsyncs:
+            done.result()
+        return dict(self.entries)
+
+
+def _relpath(path: Path, folder: Path) -> str:
+    """`path`'s name in the manifest of the checkpoint folder `folder`."""
+    return Path(os.path.relpath(Path(path).resolve(), folder.resolve())).as_posix()
+
+
+def hashing_engine(engine: Any) -> HashingCheckpointEngine:
+    """The engine's `HashingCheckpointEngine`, installed at the first save."""
+    current = engine.checkpoint_engine
+    if not isinstance(current, HashingCheckpointEngine):
+        current = HashingCheckpointEngine(current)
+        engine.checkpoint_engine = current
+    return current
+
+
+def _cpu_snapshot(item: Any, memo: dict[int, Any] | None = None) -> Any:
+    """A copy of `item` that no later optimizer step changes: every tensor cloned to CPU memory
+    (as DeepSpeed's `clone_tensors_for_torch_save` does), containers rebuilt, immutable values
+    shared and other values deep-copied. An object met twice is copied once (`memo`), so the
+    pickle keeps the original's sharing."""
+    import enum
+
+    import torch
+
+    memo = {} if memo is None else memo
+    if item is None or isinstance(item, (bool, int, float, complex, str, bytes, enum.Enum, torch.Size)):
+        return item
+    if isinstance(item, (torch.dtype, torch.device)):
+        return item
+    if id(item) in memo:
+        return memo[id(item)]
+    out: Any
+    if isinstance(item, torch.Tensor):
+        tensor = item.detach()
+        out = tensor.clone() if tensor.device.type == "cpu" else tensor.to("cpu")
+    elif isinstance(item, dict):
+        out = copy.copy(item)  # the same mapping type (OrderedDict, defaultdict), values replaced
+        for key, value in item.items():
+            out[key] = _cpu_snapshot(value, memo)
+    elif isinstance(item, list):
+        out = [_cpu_snapshot(v, memo) for v in item]
+    elif isinstance(item, tuple):
+        values = [_cpu_snapshot(v, memo) for v in item]
+        out = type(item)(*values) if hasattr(item, "_fields") else type(item)(values)
+    else:
+        out = copy.deepcopy(item, memo)
+    memo[id(item)] = out
+    return out
+
+
+@contextlib.contextmanager
+def _no_crc32() -> Iterator[None]:
+    import torch.serialization as ser
+
+    before = ser.get_crc32_options()
+    ser.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        ser.set_crc32_options(before)
+
+
+def _write_hashed(state: Any, path: Path) -> HashingWriter:
+    """`torch.save(state)` into `path` through a HashingWriter (not yet fsynced nor closed)."""
+    import torch
+
+    writer = HashingWriter(path)
+    try:
+        with _no_crc32():
+            torch.save(state, writer)  # type: ignore[arg-type]  # a binary writer, not an IO
+    except BaseException:
+        writer.close(fsync=False)
+        raise
+    return writer
 
 
 def _barrier() -> None:
@@ -69,6 +207,36 @@ def _barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather_entries(mine: dict[str, Any], group: Any = None) -> list[Any]:
+    """Every rank's `mine`, in rank order (a list of one without a process group)."""
+    import torch.distributed as dist
+
+    if not _distributed():
+        return [mine]
+    shares: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, mine, group=group)
+    return shares
+
+
+def _prepare(run_dir: str | Path, step: int, rank: int) -> tuple[str, Path, Path]:
+    """(tag, checkpoints/, .partial-<tag>/): rank 0 makes the empty staging folder; barrier."""
+    tag = tag_for_step(step)
+    root = checkpoints_dir(run_dir)
+    partial = root / f"{PARTIAL_PREFIX}{tag}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    _barrier()
+    return tag, root, partial
 
 
 def save_checkpoint(
@@ -83,28 +251,120 @@ def save_checkpoint(
 ) -> SaveResult:
     """Save a checkpoint of `engine` for `step`; every rank calls it (see the module docstring)."""
     started = time.perf_counter()
-    tag = tag_for_step(step)
-    root = checkpoints_dir(run_dir)
-    partial = root / f"{PARTIAL_PREFIX}{tag}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-    _barrier()
-    engine.save_checkpoint(str(partial), tag=tag, client_state=client_state, save_latest=False)
+    tag, root, partial = _prepare(run_dir, step, rank)
+    hashing = hashing_engine(engine)
+    with hashing.recording("hash", partial / tag):
+        engine.save_checkpoint(str(partial), tag=tag, client_state=client_state, save_latest=False)
+    mine = hashing.durable_entries()
     if hold_save_s:
         logger.warning("MOE_ORCH_FAULT hold_save: sleeping %.1f s before the manifest", hold_save_s)
         time.sleep(hold_save_s)
-    _barrier()
-    # NOTE: every rank fsyncs and hashes a share of the files (a 7B checkpoint is ~100 GB: hashing
-    # it on rank 0 alone would eat the signal_delay_s budget); rank 0 gathers the entries.
-    known = _gather_hashes(partial / tag, rank)
+    known: dict[str, dict[str, Any]] = {}
+    for share in _gather_entries(mine):
+        known.update(share)
     total = 0
     if rank == 0:
         total = finalize_checkpoint(run_dir, tag, step, client_state, keep, known)
     _barrier()
     elapsed = time.perf_counter() - started
     return SaveResult(tag=tag, path=root / tag, save_s=elapsed, bytes=total)
+
+
+class BackgroundSave:
+    """A checkpoint whose files a thread writes and publishes (`start_background_save`)."""
+
+    def __init__(self, tag: str, path: Path, step: int, started: float) -> None:
+        self.tag, self.path, self.step, self.started = tag, path, step, started
+        self.stall_s = 0.0
+        self.result: SaveResult | None = None
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def done(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> SaveResult:
+        """Block until the checkpoint is published (or the thread failed: its error is raised)."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+            if self.thread.is_alive():
+                raise TimeoutError(f"the background save of {self.tag} is still writing after {timeout} s")
+        if self.error is not None:
+            raise RuntimeError(f"the background save of {self.tag} failed: {self.error}") from self.error
+        assert self.result is not None
+        return self.result
+
+
+def start_background_save(
+    engine: Any,
+    run_dir: str | Path,
+    step: int,
+    client_state: dict[str, Any],
+    *,
+    rank: int,
+    keep: int | None,
+    hold_save_s: float = 0.0,
+    on_done: Callable[[SaveResult], None] | None = None,
+) -> BackgroundSave:
+    """Snapshot `engine`'s checkpoint state for `step` and write it in a thread; every rank calls it,
+    never while an earlier BackgroundSave is unfinished. Returns once the snapshot is taken; the
+    thread then writes, hashes and fsyncs this rank's files, gathers the ranks' entries and (rank
+    0) publishes the checkpoint, then calls `on_done` (in the thread)."""
+    import torch.distributed as dist
+
+    started = time.perf_counter()
+    tag, root, partial = _prepare(run_dir, step, rank)
+    hashing = hashing_engine(engine)
+    if hashing.group is None and _distributed():
+        hashing.group = dist.new_group(backend="gloo")  # every rank, at the same save
+    with hashing.recording("snapshot", partial / tag):
+        engine.save_checkpoint(str(partial), tag=tag, client_state=client_state, save_latest=False)
+    snapshots, folder = hashing.snapshots, partial / tag
+    pending = BackgroundSave(tag, root / tag, step, started)
+    client_state = copy.deepcopy(client_state)
+
+    def write() -> None:
+        mine: dict[str, Any] = {}
+        failure: str | None = None
+        try:
+            writers = []
+            for path, state in snapshots:
+                writers.append(_write_hashed(state, path))
+                mine[_relpath(path, folder)] = writers[-1].entry()
+            snapshots.clear()  # the CPU copies can go before the fsyncs
+            for writer in writers:
+                writer.close()
+            if hold_save_s:
+                logger.warning("MOE_ORCH_FAULT hold_save: sleeping %.1f s before the manifest", hold_save_s)
+                time.sleep(hold_save_s)
+        except BaseException as exc:  # every rank's thread must still join the gather below
+            failure = f"rank {rank}: {type(exc).__name__}: {exc}"
+            pending.error = exc
+        try:
+            shares = _gather_entries({"entries": mine, "error": failure}, hashing.group)
+            errors = [s["error"] for s in shares if s["error"]]
+            if errors:
+                raise RuntimeError("; ".join(errors))
+            total = 0
+            if rank == 0:
+                known: dict[str, dict[str, Any]] = {}
+                for share in shares:
+                    known.update(share["entries"])
+                total = finalize_checkpoint(run_dir, tag, step, client_state, keep, known)
+            pending.result = SaveResult(
+                tag=tag, path=root / tag, save_s=time.perf_counter() - started, bytes=total,
+                stall_s=pending.stall_s,
+            )  # fmt: skip
+            if on_done is not None:
+                on_done(pending.result)
+        except BaseException as exc:
+            pending.error = pending.error or exc
+            logger.error("the background save of %s failed: %s", tag, exc)
+
+    pending.stall_s = time.perf_counter() - started
+    pending.thread = threading.Thread(target=write, name=f"ckpt-{tag}", daemon=True)
+    pending.thread.start()
+    return pending
 
 
 def select_resume_checkpoint(run_dir: str | Path, rank: int, world_size: int) -> Path | None:

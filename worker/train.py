@@ -31,7 +31,7 @@ from worker.heartbeat import Pulse, Watchdog
 from worker.loop import Trainer, peak_rss_mb
 from worker.metrics import Reporter
 from worker.setup import fit_world, resume_from_checkpoint, setup_trainer
-from worker.signals import Faults, SignalState
+from worker.signals import Faults, SignalState, running_job
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ def run(cfg: RunConfig, run_dir: str | Path, *, info: DistInfo | None = None) ->
     signals = SignalState()
     signals.install()
     info = info or resolve_dist(os.environ, master_port=cfg.cluster.master_port)
+    if cfg.cluster.continue_with == "chain" and info.is_main:  # continue_with: chain (worker/stop.py)
+        signals.stop_before_time_limit(running_job(info), cfg.cluster.signal_delay_s)
     if faults.hang_at_step is not None and any(e.get("event") == "hang" for e in read_events(run_path)):
         faults.hang_at_step = None  # the injected hang happens once per run
     pulse = Pulse(
@@ -126,6 +128,7 @@ def run(cfg: RunConfig, run_dir: str | Path, *, info: DistInfo | None = None) ->
             # (a peer left the collective this rank was blocked in), not a second ending.
             logger.error("after the hang: %s", redact(f"{type(exc).__name__}: {exc}"))
             raise
+        _finish_background_save(trainer)
         if info.is_main:
             failed = reporter or Reporter(
                 run_path, enabled=True, attempt_key=info.attempt_key, tensorboard=False
@@ -139,3 +142,19 @@ def run(cfg: RunConfig, run_dir: str | Path, *, info: DistInfo | None = None) ->
             except OSError:
                 logger.exception("could not write the exit event")
         raise
+
+
+BACKGROUND_SAVE_GRACE_S = 120.0
+"""How long a failing rank waits for its background save to be published before leaving."""
+
+
+def _finish_background_save(trainer: Trainer | None) -> None:
+    """A failing rank lets an in-flight background save finish (the other ranks' save threads run
+    on, independent of training), so the checkpoint it was writing still counts; a save that
+    cannot finish stays a `.partial-*` folder, skipped like one cut by a kill."""
+    if trainer is None or trainer.pending_save is None:
+        return
+    try:
+        trainer.wait_for_save(timeout=BACKGROUND_SAVE_GRACE_S)
+    except Exception as exc:
+        logger.error("the background save did not complete: %s", redact(str(exc)))

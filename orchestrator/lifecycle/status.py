@@ -3,15 +3,25 @@
 `poll` is the one place where records meet the scheduler: it asks each run's backend first (one
 `observe` per backend for all its runs: one `squeue` + one `sacct` for every SLURM job of every
 run, pid checks for local jobs), then reads each run's events and rewrites its `run.json` under the
-lock. No torch here.
+lock when the refresh changed it (a job merely seen alive again is written at most every
+`LIVENESS_WRITE_S`). No torch here.
+
+`list_status` is the table of `moe-orch status`: the runs that are not finished are polled; a
+finished run that has nothing left to ask (its row cannot change) is read once and its row kept
+in `<home>/.status-rows.json` (this module's file: `{"version", "runs": {run_id: {"run_mtime_ns",
+"events_mtime_ns", "ended", "created", "row"}}}`), valid while its run.json and events.jsonl keep
+their mtimes. By default the table holds the active runs and the `RECENT_FINISHED` most recently
+ended ones; `--all` every run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import pickle
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +29,7 @@ from orchestrator.backends import Backend, Observation, backend_for
 from orchestrator.lifecycle.reconcile import Budgets, reconcile
 from orchestrator.redact import redact, redact_values
 from orchestrator.rundir import checkpoints, goodput, heartbeats, reports, runs
+from orchestrator.rundir.atomic import atomic_write_text
 from orchestrator.rundir.runs import AttemptState, RunRecord, RunState, StopReason
 
 logger = logging.getLogger(__name__)
@@ -84,29 +95,63 @@ def poll(run_dirs: list[Path], *, now: float | None = None) -> list[RunView]:
     stamp = now if now is not None else time.time()
     views: list[RunView] = []
     for d, rec, _ in records:
+        progress = reports.read_progress(d)
         if d not in observed:
-            views.append(RunView(d, rec, reports.read_progress(d), None))
+            views.append(RunView(d, rec, progress, None))
             continue
         seen = observed[d]
 
-        def _refresh(r: RunRecord, d: Path = d, seen: Observation = seen) -> None:
+        def _refresh(
+            r: RunRecord, d: Path = d, seen: Observation = seen, progress: dict[str, Any] | None = progress
+        ) -> None:
             reconcile(
                 r,
                 reports.read_events(d),
-                progress=reports.read_progress(d),
+                progress=progress,
                 observed=seen,
                 budgets=Budgets.from_dict(r.budgets),
                 now=stamp,
             )
             _attach_result_errors(r, d)
 
+        # NOTE: refreshed in memory first; run.json is rewritten (under its lock, fsynced) only
+        # when that changed more than a liveness stamp: 500 running runs used to cost 500 fsyncs
+        # per `status`.
+        trial: RunRecord = pickle.loads(pickle.dumps(rec))  # a deep copy (dataclasses.asdict is slow)
+        _refresh(trial)
+        if _same_record(rec, trial):
+            views.append(RunView(d, trial, progress, seen))
+            continue
         try:
             rec = runs.update_run(d, _refresh)
         except OSError as exc:  # read-only home: show what we can
             logger.warning("cannot update %s: %s", d, exc)
-            _refresh(rec)
-        views.append(RunView(d, rec, reports.read_progress(d), seen))
+            rec = trial
+        views.append(RunView(d, rec, progress, seen))
     return views
+
+
+LIVENESS_WRITE_S = 10.0
+"""A job seen alive again is recorded (`last_seen_alive` in run.json) at most this often: a
+backend declares a job lost a minute after it was last seen (slurm/attempts.py LOST_AFTER_S), so
+a stamp up to 10 s old changes nothing, and polls in between write nothing."""
+
+
+def _same_record(before: RunRecord, after: RunRecord) -> bool:
+    """Whether a refresh changed nothing worth a write: the same record, except attempts' newer
+    `last_seen_alive` within `LIVENESS_WRITE_S` of the stored one."""
+    # NOTE: the fields' values are plain data (str, numbers, lists, dicts), so the dataclasses'
+    # own dicts compare by value, without `dataclasses.asdict`'s deep copy.
+    old = {**vars(before), "attempts": [dict(vars(a)) for a in before.attempts]}
+    new = {**vars(after), "attempts": [dict(vars(a)) for a in after.attempts]}
+    if len(old["attempts"]) != len(new["attempts"]):
+        return False
+    for a, b in zip(old["attempts"], new["attempts"], strict=True):
+        was, seen = a.get("last_seen_alive"), b.get("last_seen_alive")
+        numbers = isinstance(was, (int, float)) and isinstance(seen, (int, float))
+        if numbers and 0 <= seen - was < LIVENESS_WRITE_S:
+            b["last_seen_alive"] = was
+    return old == new
 
 
 def result_error(run_dir: Path, job_id: str) -> str | None:
@@ -192,6 +237,131 @@ def table_rows(views: list[RunView], now: float | None = None) -> list[dict[str,
             }
         )
     return rows
+
+
+def format_table(rows: list[dict[str, str]]) -> list[str]:
+    """Rows of equal keys as aligned text lines: a header of the keys, columns two spaces apart.
+
+    NOTE: plain text, not a rich Table: rich took about a millisecond per row (a second for a
+    1,000-run home)."""
+    if not rows:
+        return []
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns).rstrip()]
+    lines += ["  ".join(r[c].ljust(widths[c]) for c in columns).rstrip() for r in rows]
+    return lines
+
+
+RECENT_FINISHED = 10
+"""Finished runs the `status` table shows by default, most recently ended first to go."""
+ROW_CACHE = ".status-rows.json"
+ROW_CACHE_VERSION = 1
+
+
+@dataclass
+class StatusTable:
+    """What `moe-orch status` shows: one row per run (oldest first) and what was left out."""
+
+    rows: list[dict[str, str]]
+    hidden_finished: int = 0
+    polled: int = 0
+    cached: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _read_row_cache(home: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((home / ROW_CACHE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != ROW_CACHE_VERSION:
+        return {}
+    found = data.get("runs")
+    return found if isinstance(found, dict) else {}
+
+
+def _write_row_cache(home: Path, entries: dict[str, Any]) -> None:
+    try:
+        text = json.dumps({"version": ROW_CACHE_VERSION, "runs": entries})
+        atomic_write_text(home / ROW_CACHE, text + "\n")
+    except OSError as exc:  # a home this user may read but not write: no cache, same table
+        logger.debug("cannot write %s: %s", home / ROW_CACHE, exc)
+
+
+def _ended(rec: RunRecord) -> float:
+    ends = [a.ended for a in rec.attempts if a.ended is not None]
+    return max(ends) if ends else rec.updated or rec.created
+
+
+def list_status(
+    home: Path, *, show_all: bool = False, recent: int = RECENT_FINISHED, now: float | None = None
+) -> StatusTable:
+    """The `status` table of every run under `home` (see the module docstring): the active runs
+    polled (one scheduler query per backend), finished ones from the row cache when it is valid,
+    and by default only the `recent` most recently ended finished runs."""
+    stamp = now if now is not None else time.time()
+    cache = _read_row_cache(home)
+    fresh: dict[str, Any] = {}
+    entries: list[tuple[Path, dict[str, Any] | None]] = []  # (run dir, valid cache entry or None)
+    for d in runs.list_runs(home):
+        hit = cache.get(d.name)
+        run_mtime = _mtime_ns(d / runs.RUN_FILE)
+        events_mtime = _mtime_ns(reports.events_path(d))
+        if (
+            isinstance(hit, dict)
+            and hit.get("run_mtime_ns") == run_mtime
+            and hit.get("events_mtime_ns") == events_mtime
+        ):
+            fresh[d.name] = hit
+            entries.append((d, hit))
+        else:
+            entries.append((d, None))
+    views = {v.run_dir: v for v in poll([d for d, hit in entries if hit is None], now=stamp)}
+    rows: dict[Path, dict[str, str]] = {}
+    ended: dict[Path, float] = {}  # finished runs: when they ended
+    for d, hit in entries:
+        if hit is not None:
+            rows[d] = {**hit["row"], "age": human_age(stamp - float(hit["created"]))}
+            ended[d] = float(hit["ended"])
+            continue
+        view = views.get(d)
+        if view is None:  # an unreadable run.json: poll warned about it
+            continue
+        (rows[d],) = table_rows([view], now=stamp)
+        rec = view.record
+        if rec.final:
+            ended[d] = _ended(rec)
+            if not _stale(d, rec, backend_for(rec.executor)):  # nothing left to ask: cache its row
+                fresh[d.name] = {
+                    "run_mtime_ns": _mtime_ns(d / runs.RUN_FILE),
+                    "events_mtime_ns": _mtime_ns(reports.events_path(d)),
+                    "ended": ended[d],
+                    "created": rec.created,
+                    "row": {k: v for k, v in rows[d].items() if k != "age"},
+                }
+    if fresh != cache:
+        _write_row_cache(home, fresh)
+    shown = set(rows)
+    hidden = 0
+    if not show_all:
+        newest = sorted(ended, key=lambda d: ended[d], reverse=True)
+        for d in newest[recent:]:
+            shown.discard(d)
+        hidden = max(0, len(newest) - recent)
+    return StatusTable(
+        rows=[rows[d] for d, _ in entries if d in shown],
+        hidden_finished=hidden,
+        polled=len(views),
+        cached=sum(1 for _, hit in entries if hit is not None),
+    )
 
 
 def latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:

@@ -15,9 +15,7 @@ import os
 import re
 import shlex
 from pathlib import Path
-from typing import Any
-
-import jinja2
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.backends.nodelist import expand_nodelist
 from orchestrator.errors import ConfigError, ConfigIssue, MoeOrchError
@@ -26,6 +24,9 @@ from orchestrator.spec.deepspeed import deepspeed_config
 from orchestrator.spec.launch import job_env_defaults
 from orchestrator.spec.loading import dump_config
 from orchestrator.spec.schema import RunConfig
+
+if TYPE_CHECKING:
+    import jinja2
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,11 @@ def sbatch_options(cfg: RunConfig, run_dir: Path) -> list[tuple[str, str]]:
             opts.append((key, value, f"cluster.{key}"))
     if c.exclude:
         opts.append(("exclude", ",".join(c.exclude), "cluster.exclude"))
-    opts.append(("signal", f"USR2@{c.signal_delay_s}", "cluster.signal_delay_s"))
+    if c.continue_with != "chain":
+        # NOTE: chain: the job stops itself signal_delay_s before its limit (worker/signals.py);
+        # slurmctld checks limits every ~30 s, so its signal would come up to 30 s early (with a
+        # short limit, before the ranks installed their handlers).
+        opts.append(("signal", f"USR2@{c.signal_delay_s}", "cluster.signal_delay_s"))
     opts.append(("requeue" if c.requeue else "no-requeue", "", "cluster.requeue"))
     opts.append(("open-mode", "append", ""))
     opts.append(("output", str(logs / "%j_sbatch.out"), "run directory"))
@@ -199,6 +204,8 @@ def nodelist_from_env() -> str | None:
 
 
 def _environment() -> jinja2.Environment:
+    import jinja2  # NOTE: here, not at the top: `validate` reads `sbatch_options` and draws nothing
+
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir())),
         undefined=jinja2.StrictUndefined,

@@ -79,14 +79,82 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+    buffer = bytearray(4 << 20)
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as fh:
+        while n := fh.readinto(buffer):
+            digest.update(view[:n])
     return digest.hexdigest()
 
 
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def file_entry(digest: str, size: int) -> dict[str, Any]:
+    """A manifest entry: `{"sha256", "size"}`."""
+    return {"sha256": digest, "size": size}
+
+
+class HashingWriter:
+    """A new file written once, front to back, whose sha256 is computed from the bytes as they pass
+    (no second read of the file). `torch.save(obj, HashingWriter(path))` serializes through it;
+    `close()` fsyncs and returns the file's manifest entry.
+
+    NOTE: `hashlib` and `os.write` release the GIL on large buffers, so a thread writing a
+    checkpoint leaves the training thread to run.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        view = memoryview(data).cast("B")
+        n = len(view)
+        self._digest.update(view)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self.size += n
+        return n
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """Only forward, as torch's zip writer skips metadata-only records: the gap is written as
+        zeros (and hashed), so the file is still written front to back."""
+        target = offset if whence == os.SEEK_SET else self.size + offset if whence == os.SEEK_CUR else -1
+        if target < self.size:
+            raise OSError(f"{self.path}: a checkpoint file is written front to back (seek to {target})")
+        gap = target - self.size
+        while gap:
+            chunk = min(gap, 1 << 20)
+            self.write(bytes(chunk))
+            gap -= chunk
+        return self.size
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        """Nothing is buffered here (every write goes to the kernel); `close` makes it durable."""
+
+    def entry(self) -> dict[str, Any]:
+        """The manifest entry of what was written so far."""
+        return file_entry(self._digest.hexdigest(), self.size)
+
+    def close(self, *, fsync: bool = True) -> dict[str, Any]:
+        """fsync (unless told not to) and close; returns the manifest entry."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                if fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        return self.entry()
 
 
 def hash_files(folder: Path, rank: int = 0, world_size: int = 1) -> dict[str, dict[str, Any]]:
@@ -133,8 +201,9 @@ def verify_checkpoint(path: str | Path, *, full: bool = True, rank: int = 0, wor
     """Whether `path` is a complete checkpoint: its manifest lists every file with the right size
     and (when `full`) sha256, and no file is missing. `full=False` checks sizes only (fast).
 
-    With `world_size` > 1, sizes are checked for every file but only this rank's share (every
-    `world_size`-th file from `rank`) is hashed: the ranks split the work and combine the answers.
+    With `world_size` > 1, sizes are checked for every file but only this rank's share
+    (`hash_shares`: about 1/world_size of the bytes) is hashed: the ranks split the work and
+    combine the answers.
     """
     folder = Path(path)
     manifest = read_manifest(folder)
@@ -145,16 +214,28 @@ def verify_checkpoint(path: str | Path, *, full: bool = True, rank: int = 0, wor
     files: dict[str, Any] = manifest["files"]
     if not files:
         return False
-    for i, (rel, meta) in enumerate(sorted(files.items())):
-        file = folder / rel
+    for rel, meta in sorted(files.items()):
         try:
-            if file.stat().st_size != meta["size"]:
+            if (folder / rel).stat().st_size != meta["size"]:
                 return False
         except (OSError, KeyError, TypeError):
             return False
-        if full and i % world_size == rank and _sha256(file) != meta.get("sha256"):
-            return False
-    return True
+    if not full:
+        return True
+    mine = hash_shares({rel: int(meta["size"]) for rel, meta in files.items()}, world_size)[rank]
+    return all(_sha256(folder / rel) == files[rel].get("sha256") for rel in mine)
+
+
+def hash_shares(sizes: dict[str, int], world_size: int) -> list[list[str]]:
+    """Split files over `world_size` ranks by bytes (largest first, each to the least loaded rank;
+    ties by name), so the ranks hash about as much each. The same answer on every rank."""
+    shares: list[list[str]] = [[] for _ in range(world_size)]
+    loads = [0] * world_size
+    for rel, size in sorted(sizes.items(), key=lambda item: (-item[1], item[0])):
+        r = loads.index(min(loads))
+        shares[r].append(rel)
+        loads[r] += size
+    return shares
 
 
 @dataclass(frozen=True)

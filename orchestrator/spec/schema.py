@@ -70,8 +70,11 @@ empty value (a template variable that expanded to nothing) is an error, not a si
 
 class _Section(BaseModel):
     # NOTE: extra="forbid" is what turns a typo into an error (with a did-you-mean added by
-    # orchestrator.spec.loading) instead of a silently ignored key.
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=False)
+    # orchestrator.spec.loading) instead of a silently ignored key. The docstring under each field
+    # is its description, attached by `attach_field_docs` where it is shown (`moe-orch schema`, the
+    # reference): pydantic's `use_attribute_docstrings` parsed this module's source once per class
+    # at every import, a third of `moe-orch validate`'s time (issue 14).
+    model_config = ConfigDict(extra="forbid", frozen=False)
 
 
 class ClusterConfig(_Section):
@@ -554,6 +557,12 @@ class TrainingConfig(_Section):
     keep_checkpoints: Annotated[int, Field(ge=1)] | None = 3
     """Keep the newest N checkpoints (the newest valid one is never deleted); unset keeps all."""
 
+    async_save: bool = False
+    """Write periodic checkpoints in the background: training stops only while the state is copied
+    to CPU memory (one more copy of the rank's checkpoint in RAM), then a thread writes, hashes and
+    publishes it. A save never starts before the previous one is published; the save on a stop
+    signal and the final save stay synchronous."""
+
     num_threads: Annotated[int, Field(ge=1)] | None = None
     """torch threads per rank on CPU; unset means `cluster.cpus_per_task`."""
 
@@ -564,6 +573,7 @@ class TrainingConfig(_Section):
 NotifyEvent = Literal["attempt_start", "preempted", "hung", "failed", "completed", "cancelled"]
 """What a notification is about (orchestrator/notify.py): an attempt started; it stopped on a
 preemption or its time limit; it hung; it failed; the run completed; it was cancelled."""
+DEFAULT_NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("attempt_start", "preempted", "hung", "failed", "completed")
 
 
 class NotifyConfig(_Section):
@@ -580,9 +590,7 @@ class NotifyConfig(_Section):
     """A shell command run with each notification as JSON on its stdin (e.g. a script that mails
     or pages), from the job and from `watch`; at most `timeout_s` seconds."""
 
-    events: list[NotifyEvent] = Field(
-        default_factory=lambda: ["attempt_start", "preempted", "hung", "failed", "completed"]
-    )
+    events: list[NotifyEvent] = Field(default_factory=lambda: list(DEFAULT_NOTIFY_EVENTS))
     """Which notifications to send (add `cancelled` for cancellations)."""
 
     timeout_s: Annotated[float, Field(gt=0, le=60)] = 10.0
@@ -768,8 +776,56 @@ class RunConfig(_Section):
         return self
 
 
+_DOCS_ATTACHED = False
+
+
+def attach_field_docs() -> None:
+    """Give every field of this module's models the docstring under it as its description (as
+    pydantic's `use_attribute_docstrings` would), once, and rebuild the models so that the JSON
+    Schema carries them. Only the schema's readers for people call it (`json_schema`, the
+    Markdown reference)."""
+    import ast
+    import inspect
+    import sys
+
+    global _DOCS_ATTACHED
+    if _DOCS_ATTACHED:
+        return
+    module = sys.modules[__name__]
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    docs: dict[str, dict[str, str]] = {}
+    order: list[type[BaseModel]] = []
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        cls = getattr(module, node.name, None)
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            continue
+        order.append(cls)
+        found = docs.setdefault(node.name, {})
+        for field, after in zip(node.body, node.body[1:], strict=False):
+            if (
+                isinstance(field, ast.AnnAssign)
+                and isinstance(field.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                found[field.target.id] = inspect.cleandoc(after.value.value)
+    for cls in order:
+        mine: dict[str, str] = {}
+        for base in reversed(cls.__mro__):  # a section's own docstring wins over its base's
+            mine.update(docs.get(base.__name__, {}) if base.__module__ == __name__ else {})
+        for name, info in cls.model_fields.items():
+            if info.description is None and name in mine:
+                info.description = mine[name]
+        cls.model_rebuild(force=True)
+    _DOCS_ATTACHED = True
+
+
 def json_schema() -> dict[str, Any]:
     """JSON Schema of the run config, for editors' YAML support (`moe-orch schema`)."""
+    attach_field_docs()
     schema = RunConfig.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "moe-orch run config"

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from orchestrator.spec.schema import RunConfig, json_schema
+from orchestrator.spec.schema import RunConfig, attach_field_docs, json_schema
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ def _section(model: type[BaseModel], prefix: str, out: list[str]) -> None:
 
 def config_reference_markdown() -> str:
     """Every config field: dotted path, type and limits, default, and its docstring."""
+    attach_field_docs()
     out = [
         "# Config reference",
         "",
