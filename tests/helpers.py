@@ -221,3 +221,18 @@ def node_state(node: str) -> str:
         ["sinfo", "-h", "-N", "-n", node, "-o", "%T"], capture_output=True, text=True, check=False
     )
     return res.stdout.strip().splitlines()[0] if res.stdout.strip() else ""
+
+
+def write_event(run_dir: Path, **ev: Any) -> None:
+    """Append one worker event to events.jsonl, as rank 0 would (`time` defaults to now)."""
+    ev.setdefault("time", time.time())
+    with (run_dir / "events.jsonl").open("a") as f:
+        f.write(json.dumps(ev) + "\n")
+
+
+def write_start(run_dir: Path, job: str, restart: int = 0, step: int = 0) -> None:
+    """A `start` event of a 2-rank attempt on n1,n2 of SLURM job `job`."""
+    write_event(
+        run_dir, event="start", job_id=job, restart=restart, attempt_key=f"{job}.{restart}",
+        nodes=["n1", "n2"], world_size=2, resumed_from=None, resumed_step=step, steps_redone=0,
+    )  # fmt: skip

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from fakes import FakeSlurm
-from helpers import REPO
+from helpers import REPO, write_event, write_start
 
 from orchestrator.backends.nodelist import plan_exclusion
 from orchestrator.lifecycle import status, submit
@@ -133,32 +133,20 @@ def fake() -> Iterator[FakeSlurm]:
         yield f
 
 
-def _event(run_dir: Path, **ev: Any) -> None:
-    ev.setdefault("time", time.time())
-    with (run_dir / "events.jsonl").open("a") as f:
-        f.write(json.dumps(ev) + "\n")
-
-
-def _start(run_dir: Path, job: str, restart: int = 0, step: int = 0) -> None:
-    _event(
-        run_dir, event="start", job_id=job, restart=restart, attempt_key=f"{job}.{restart}",
-        nodes=["n1", "n2"], world_size=2, resumed_from=None, resumed_step=step, steps_redone=0,
-    )  # fmt: skip
-
-
 def _hang(run_dir: Path, job: str, requeued: bool) -> None:
     suspect = {"rank": 1, "host": "n2", "phase": "data", "step": 11}
-    _event(run_dir, event="hang", attempt_key=f"{job}.0", step=11, detected_by="rank 0", hang_s=14.0,
+    write_event(run_dir, event="hang", attempt_key=f"{job}.0", step=11, detected_by="rank 0", hang_s=14.0,
            stall_limit_s=10.0, summary="suspect rank 1 on n2 (data, step 11): behind the others",
            suspects=[suspect], waiting=[], note="hang 1 of cluster.max_hangs=2")  # fmt: skip
-    _event(run_dir, event="exit", reason="hung", step=11, requeued=requeued, error="hung: suspect rank 1")
+    write_event(run_dir, event="exit", reason="hung", step=11, requeued=requeued,
+                error="hung: suspect rank 1")  # fmt: skip
 
 
 def test_a_hang_event_ends_the_attempt_hung_and_watch_resubmits_on_the_same_two_nodes(
     fake: FakeSlurm, tmp_path: Path
 ) -> None:
     run_dir = submit.submit(TINY_SLURM, [], home=str(tmp_path), echo=lambda _: None)
-    _start(run_dir, "100")
+    write_start(run_dir, "100")
     _hang(run_dir, "100", requeued=False)
     fake.set_state("100", None)
     fake.add_acct("100", "FAILED", "76:0")
@@ -177,7 +165,7 @@ def test_a_hang_event_ends_the_attempt_hung_and_watch_resubmits_on_the_same_two_
 
 def test_hangs_beyond_max_hangs_fail_the_run(fake: FakeSlurm, tmp_path: Path) -> None:
     run_dir = submit.submit(TINY_SLURM, ["cluster.max_hangs=0"], home=str(tmp_path), echo=lambda _: None)
-    _start(run_dir, "100")
+    write_start(run_dir, "100")
     _hang(run_dir, "100", requeued=False)
     fake.set_state("100", None)
     fake.add_acct("100", "FAILED", "76:0")
@@ -189,7 +177,7 @@ def test_hangs_beyond_max_hangs_fail_the_run(fake: FakeSlurm, tmp_path: Path) ->
 
 def test_watch_kills_a_frozen_attempt_records_it_hung_and_resubmits(fake: FakeSlurm, tmp_path: Path) -> None:
     run_dir = submit.submit(TINY_SLURM, [], home=str(tmp_path), echo=lambda _: None)
-    _start(run_dir, "100")
+    write_start(run_dir, "100")
     fake.set_state("100", "RUNNING")
     stale = time.time() - 120.0
     for rank in (0, 1):
@@ -318,7 +306,7 @@ def test_status_shows_each_running_rank_its_stragglers_and_the_goodput(
 ) -> None:
     run_dir = submit.submit(TINY_SLURM, [], home=str(tmp_path), echo=lambda _: None)
     now = time.time()
-    _event(run_dir, event="start", job_id="100", restart=0, attempt_key="100.0", nodes=["n1", "n2"],
+    write_event(run_dir, event="start", job_id="100", restart=0, attempt_key="100.0", nodes=["n1", "n2"],
            world_size=2, resumed_step=0, launched=now - 16)  # fmt: skip
     fake.set_state("100", "RUNNING")
     for rank, step_s in ((0, 0.1), (1, 0.35)):
@@ -338,8 +326,9 @@ def test_status_shows_each_running_rank_its_stragglers_and_the_goodput(
 
 def test_status_names_the_rank_that_failed_first_from_the_heartbeats(fake: FakeSlurm, tmp_path: Path) -> None:
     run_dir = submit.submit(TINY_SLURM, [], home=str(tmp_path), echo=lambda _: None)
-    _start(run_dir, "100")
-    _event(run_dir, event="exit", reason="failed", step=7, requeued=False, error="RuntimeError: peer closed")
+    write_start(run_dir, "100")
+    write_event(run_dir, event="exit", reason="failed", step=7, requeued=False,
+                error="RuntimeError: peer closed")  # fmt: skip
     errors = {
         1: ("InjectedFault: MOE_ORCH_FAULT crash_at_step:7", NOW),
         0: ("RuntimeError: peer closed", NOW + 0.2),

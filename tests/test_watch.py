@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fakes import FakeSlurm
-from helpers import REPO
+from helpers import REPO, write_event, write_start
 
 from orchestrator.lifecycle import control, submit
 from orchestrator.lifecycle.watch import resume, watch, watch_once
@@ -30,23 +27,10 @@ def _submit(home: Path, *overrides: str) -> Path:
     return submit.submit(TINY_SLURM, list(overrides), home=str(home), echo=lambda _: None)
 
 
-def _event(run_dir: Path, **ev: Any) -> None:
-    ev.setdefault("time", time.time())
-    with (run_dir / "events.jsonl").open("a") as f:
-        f.write(json.dumps(ev) + "\n")
-
-
-def _start(run_dir: Path, job: str, restart: int = 0, step: int = 0) -> None:
-    _event(
-        run_dir, event="start", job_id=job, restart=restart, attempt_key=f"{job}.{restart}",
-        nodes=["n1", "n2"], world_size=2, resumed_from=None, resumed_step=step, steps_redone=0,
-    )  # fmt: skip
-
-
 def test_node_fail_is_resubmitted_with_the_failed_node_excluded(fake: FakeSlurm, tmp_path: Path) -> None:
     run_dir = _submit(tmp_path)
-    _start(run_dir, "100")
-    _event(run_dir, event="first_step", step=1)
+    write_start(run_dir, "100")
+    write_event(run_dir, event="first_step", step=1)
     fake.set_state("100", None)  # gone from squeue
     fake.add_acct("100", "NODE_FAIL")
     fake.node_states = {"n1": "idle", "n2": "down*"}
@@ -73,8 +57,8 @@ def test_one_batched_scheduler_query_per_poll_for_many_runs(fake: FakeSlurm, tmp
 def test_crash_loop_stops_the_run_as_failed(fake: FakeSlurm, tmp_path: Path) -> None:
     run_dir = _submit(tmp_path, "cluster.max_attempts_without_progress=2", "cluster.max_failures=10")
     for job in ("100", "101"):
-        _start(run_dir, job)
-        _event(run_dir, event="exit", reason="failed", step=0, requeued=False, error="boom")
+        write_start(run_dir, job)
+        write_event(run_dir, event="exit", reason="failed", step=0, requeued=False, error="boom")
         fake.set_state(job, "FAILED")
         fake.add_acct(job, "FAILED", "1:0")
         watch_once([run_dir], lambda _: None)
@@ -85,8 +69,8 @@ def test_crash_loop_stops_the_run_as_failed(fake: FakeSlurm, tmp_path: Path) -> 
 
 def test_max_failures_zero_fails_at_the_first_crash(fake: FakeSlurm, tmp_path: Path) -> None:
     run_dir = _submit(tmp_path, "cluster.max_failures=0")
-    _start(run_dir, "100")
-    _event(run_dir, event="exit", reason="failed", step=0, requeued=False, error="boom")
+    write_start(run_dir, "100")
+    write_event(run_dir, event="exit", reason="failed", step=0, requeued=False, error="boom")
     fake.set_state("100", "FAILED")
     watch_once([run_dir], lambda _: None)
     assert runs.read_run(run_dir).state == RunState.FAILED
@@ -95,9 +79,9 @@ def test_max_failures_zero_fails_at_the_first_crash(fake: FakeSlurm, tmp_path: P
 
 def test_exhausted_preemption_budget_cancels_the_requeued_job(fake: FakeSlurm, tmp_path: Path) -> None:
     run_dir = _submit(tmp_path, "cluster.max_preemptions=0")
-    _start(run_dir, "100")
-    _event(run_dir, event="first_step", step=1)
-    _event(run_dir, event="exit", reason="preempted", step=5, requeued=True, error=None)
+    write_start(run_dir, "100")
+    write_event(run_dir, event="first_step", step=1)
+    write_event(run_dir, event="exit", reason="preempted", step=5, requeued=True, error=None)
     fake.set_state("100", "PENDING")
     lines: list[str] = []
     watch_once([run_dir], lines.append)
@@ -109,8 +93,9 @@ def test_exhausted_preemption_budget_cancels_the_requeued_job(fake: FakeSlurm, t
 def test_preemptions_are_requeued_without_limit_by_default(fake: FakeSlurm, tmp_path: Path) -> None:
     run_dir = _submit(tmp_path)
     for restart in range(5):
-        _start(run_dir, "100", restart=restart, step=restart * 10)
-        _event(run_dir, event="exit", reason="preempted", step=restart * 10 + 10, requeued=True, error=None)
+        write_start(run_dir, "100", restart=restart, step=restart * 10)
+        write_event(run_dir, event="exit", reason="preempted", step=restart * 10 + 10, requeued=True,
+                    error=None)  # fmt: skip
     fake.set_state("100", "PENDING")
     watch_once([run_dir], lambda _: None)
     rec = runs.read_run(run_dir)
@@ -120,7 +105,7 @@ def test_preemptions_are_requeued_without_limit_by_default(fake: FakeSlurm, tmp_
 
 def test_a_cancelled_run_never_comes_back(fake: FakeSlurm, tmp_path: Path) -> None:
     run_dir = _submit(tmp_path)
-    _start(run_dir, "100")
+    write_start(run_dir, "100")
     control.cancel(run_dir)
     watch_once([run_dir], lambda _: None)
     rec = runs.read_run(run_dir)
@@ -130,8 +115,8 @@ def test_a_cancelled_run_never_comes_back(fake: FakeSlurm, tmp_path: Path) -> No
 
 def test_resume_by_hand_resubmits_a_stopped_run_once(fake: FakeSlurm, tmp_path: Path) -> None:
     run_dir = _submit(tmp_path)
-    _start(run_dir, "100")
-    _event(run_dir, event="first_step", step=1)
+    write_start(run_dir, "100")
+    write_event(run_dir, event="first_step", step=1)
     fake.set_state("100", "PREEMPTED")
     fake.add_acct("100", "PREEMPTED", "0:15")
     rec = resume(run_dir)
@@ -143,7 +128,7 @@ def test_resume_refuses_a_running_run(fake: FakeSlurm, tmp_path: Path) -> None:
     from orchestrator.errors import SubmissionError
 
     run_dir = _submit(tmp_path)
-    _start(run_dir, "100")
+    write_start(run_dir, "100")
     fake.set_state("100", "RUNNING")
     with pytest.raises(SubmissionError, match="cancel"):
         resume(run_dir)
@@ -151,8 +136,8 @@ def test_resume_refuses_a_running_run(fake: FakeSlurm, tmp_path: Path) -> None:
 
 def test_watch_once_covers_every_unfinished_run_under_home(fake: FakeSlurm, tmp_path: Path) -> None:
     a, b = _submit(tmp_path), _submit(tmp_path)
-    _start(a, "100")
-    _event(a, event="exit", reason="completed", step=10, requeued=False, error=None)
+    write_start(a, "100")
+    write_event(a, event="exit", reason="completed", step=10, requeued=False, error=None)
     fake.set_state("100", "COMPLETED")
     lines: list[str] = []
     views = watch(tmp_path, [], interval=0, once=True, echo=lines.append)
