@@ -12,6 +12,8 @@
   What reads as prose or code is left: a placeholder (`HF_TOKEN=...`, `token=$HF_TOKEN`), one plain
   word after a colon (`key: value lines`), `token = expression` (a source line in a traceback), a
   dotted field path and its message (`cluster.env.HF_TOKEN: looks like a secret`);
+- webhook URLs whose path is the secret (`notify.webhook`): `https://hooks.slack.com/services/<redacted>`,
+  Discord's `/api/webhooks/…` and Teams' `webhook.office.com/webhookb2/…`;
 - well-known token shapes wherever they stand: Hugging Face `hf_…`, GitHub `ghp_…`/`github_pat_…`,
   OpenAI and Anthropic `sk-…`, GitLab `glpat-…`, Slack `xox?-…`, AWS `AKIA…`, JWTs `eyJ….eyJ….…`.
 
@@ -112,6 +114,12 @@ _TOKEN_SHAPES = re.compile(
     r")(?![A-Za-z0-9_\-])"
 )
 _BARE_TOKEN_USER = re.compile(r"[A-Za-z0-9_\-]{20,}")
+_WEBHOOK_PATH = re.compile(
+    r"(?P<base>\bhttps?://(?:hooks\.slack\.com/(?:services|workflows|triggers)"
+    r"|(?:[\w-]+\.)?discord(?:app)?\.com/api/webhooks"
+    r"|[\w.-]+\.webhook\.office\.com/webhookb2)/)[^\s\"'<>]+"
+)
+"""A webhook URL whose path is the secret (Slack, Discord, Teams: `notify.webhook`)."""
 
 _CANDIDATES = (
     "://", "token", "key", "secret", "passw", "credential", "auth", "private", "cookie", "bearer",
@@ -169,6 +177,7 @@ def redact(text: str) -> str:
         return text
     if "://" in text:
         text = _URL_USERINFO.sub(_userinfo, text)
+        text = _WEBHOOK_PATH.sub(lambda m: f"{m.group('base')}{REDACTED}", text)
     if "bearer" in lower:
         text = _BEARER.sub(lambda m: f"{m.group('scheme')}{m.group('space')}{REDACTED}", text)
     if "authorization" in lower:

@@ -1,7 +1,9 @@
 """A fake SLURM at the subprocess boundary, like submitit's `MockedSubprocess`.
 
 `FakeSlurm.context()` patches `subprocess.run`, `subprocess.check_output`, `subprocess.check_call`,
-submitit's `CommandFunction` (how it runs sbatch) and `shutil.which`. It answers `sbatch`,
+submitit's `CommandFunction` (how it runs sbatch) and `shutil.which`. It answers `sbatch` (also a
+job array's `#SBATCH --array=0-N%P`: tasks `<id>_0..<id>_N`; `--test-only`; `--parsable`,
+`--dependency`),
 `squeue`, `sacct`, `sinfo`, `scancel`, `git` and `pip freeze` from its own state and RAISES on any
 other command, so a test can never pass by running something real by accident.
 """
@@ -9,6 +11,7 @@ other command, so a test can never pass by running something real by accident.
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +39,7 @@ class FakeJob:
     reason: str = "None"
     # sacct -D rows: (state, exit_code, nodelist)
     acct: list[tuple[str, str, str]] = field(default_factory=list)
+    dependency: str | None = None  # sbatch --dependency=...
 
 
 class FakeSlurm:
@@ -47,6 +51,7 @@ class FakeSlurm:
         self.node_states: dict[str, str] = {}
         self.on_scancel: Callable[[str], None] | None = None
         self.pip_freeze = "fakepkg==1.0\n"
+        self.array_scripts: dict[str, str] = {}  # job id -> the array's script ("" for a single job)
 
     # --- state helpers for tests ---
     def set_state(self, job_id: str, queue_state: str | None, nodelist: str = "n[1-2]") -> None:
@@ -69,8 +74,12 @@ class FakeSlurm:
         job_id = str(self.next_id)
         self.next_id += 1
         script = Path(args[-1]).read_text() if Path(args[-1]).exists() else ""
-        self.jobs[job_id] = FakeJob(job_id, script, time.time())
-        return f"Submitted batch job {job_id}"
+        dependency = next((a.split("=", 1)[1] for a in args if a.startswith("--dependency=")), None)
+        array = re.search(r"^#SBATCH --array=0-(\d+)(?:%\d+)?$", script, re.M)
+        self.array_scripts[job_id] = script if array else ""
+        for jid in [f"{job_id}_{k}" for k in range(int(array.group(1)) + 1)] if array else [job_id]:
+            self.jobs[jid] = FakeJob(jid, script, time.time(), dependency=dependency)
+        return f"{job_id}\n" if "--parsable" in args else f"Submitted batch job {job_id}"
 
     def _squeue(self, args: Sequence[str]) -> str:
         ids = args[args.index("-j") + 1].split(",")
@@ -117,6 +126,9 @@ class FakeSlurm:
         cmd = [str(c) for c in command]
         self.calls.append(cmd)
         program = Path(cmd[0]).name
+        if program == "sbatch" and "--test-only" in cmd:
+            at = "to start at 2031-01-01T00:00:00 using 2 processors on nodes n[1-2] in partition debug"
+            return 0, "", f"sbatch: Job 4242 {at}\n"
         if program in ("sbatch", "squeue", "sacct", "sinfo", "scancel"):
             return 0, getattr(self, f"_{program}")(cmd[1:]), ""
         if program == "git":

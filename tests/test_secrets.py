@@ -302,7 +302,8 @@ def test_dry_run_lists_the_names_and_says_submit_would_refuse_a_missing_one(
     assert result.exit_code == 0, result.output
     assert f"environment passed from the submitting shell (names only):\n  {PASSED}\n" in result.output
     assert "# submit would refuse: cluster.env_passthrough names MOE_ORCH_TEST_UNSET" in result.output
-    assert tokens[PASSED] not in result.output and fake.calls == []
+    assert tokens[PASSED] not in result.output
+    assert [c[:2] for c in fake.calls] == [["sbatch", "--test-only"]], "only SLURM's start estimate"
 
 
 # --- the local executor: a real job whose function reports what its environment holds -------------

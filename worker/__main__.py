@@ -219,8 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / "run.yaml").exists():
             (run_dir / "run.yaml").write_text(dump_config(cfg))
+    from orchestrator import notify
     from worker.train import run
 
+    notify.install("job")  # notifications on the events this rank writes (cfg.notify)
     try:
         return run(cfg, run_dir)
     except ExitWithoutProgress:

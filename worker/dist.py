@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.backends.nodelist import expand_nodelist
+from orchestrator.backends.slurm.injob import slurm_job_id
 from orchestrator.rundir.runs import attempt_key
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def resolve_dist(env: Mapping[str, str], *, master_port: int | None = None) -> D
             nodes=[socket.gethostname()],
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        job_id = env.get("SLURM_JOB_ID", "0")
+        job_id = slurm_job_id(env) or "0"  # `<array>_<task>` for a job array's task
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
         nodes = expand_nodelist(nodelist)
         return DistInfo(
@@ -140,7 +141,8 @@ def resolve_dist(env: Mapping[str, str], *, master_port: int | None = None) -> D
             local_rank=int(env.get("SLURM_LOCALID", "0")),
             # NOTE: sbatch.sh exports the same address and port; an explicit MASTER_* wins.
             master_addr=env.get("MASTER_ADDR") or nodes[0],
-            master_port=_env_port(env, job_id, master_port),
+            # NOTE: SLURM_JOB_ID is unique per array task: two tasks sharing a node never collide.
+            master_port=_env_port(env, env.get("SLURM_JOB_ID", job_id), master_port),
             source="submitit-slurm" if executor == "slurm" else "srun",
             job_id=job_id,
             restart_count=restart,

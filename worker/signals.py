@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -132,6 +133,30 @@ class SignalState:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_stop)
         signal.signal(signal.SIGUSR1, self._on_save)
+
+    def stop_before_time_limit(self, job: RunningJob, signal_delay_s: int) -> float | None:
+        """Set the stop flag, as SLURM's `--signal=USR2@signal_delay_s` would, `signal_delay_s`
+        before the job's time limit (a timer thread; rank 0 alone: the step's all-reduce of the
+        flags stops every rank). Returns when it fires (None: no known limit).
+
+        NOTE: slurmctld checks time limits every ~30 s, so its USR2 comes up to 30 s early; with
+        `continue_with: chain` the job stops itself on time, and the USR2 still stops it if first.
+        """
+        end = job.time_limit_end()
+        if end is None:
+            return None
+        at = end - signal_delay_s
+
+        def fire() -> None:
+            self.received.append("time limit")
+            if self.stop_signal is None:
+                self.stop_signal = "USR2"
+
+        timer = threading.Timer(max(0.0, at - time.time()), fire)
+        timer.daemon = True
+        timer.start()
+        logger.info("stop in %.0f s, %d s before the time limit", at - time.time(), signal_delay_s)
+        return at
 
     def ignore_from_now(self) -> None:
         """The rank is leaving (training completed, or stopped after its save): a later USR2, TERM

@@ -15,7 +15,8 @@ there is a missing method here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -35,6 +36,15 @@ class Observation(Protocol):
 
     def alive(self, job_id: str) -> bool:
         """Whether the scheduler still has `job_id` (pending, running or requeued)."""
+
+
+@dataclass(frozen=True)
+class ArrayTask:
+    """One element of a job array: its submitit folder (`<run>/logs`) and the job function's
+    arguments."""
+
+    folder: Path
+    args: tuple[Any, ...]
 
 
 class Backend(Protocol):
@@ -58,6 +68,33 @@ class Backend(Protocol):
     ) -> Any:
         """A configured submitit executor writing into `folder` (`<run>/logs`). Raises
         SubmissionError when this scheduler cannot be reached from here."""
+
+    def submit_array(
+        self,
+        fn: Callable[..., Any],
+        tasks: Sequence[ArrayTask],
+        *,
+        array_folder: Path,
+        script_path: Path,
+        parameters: Mapping[str, Any],
+        python: str,
+        sbatch_lines: Sequence[str],
+        max_parallel: int | None,
+    ) -> list[str]:
+        """Submit `fn(*task.args)` for every task as one job array (SLURM: one `sbatch
+        --array=0-(n-1)%P`, task k's submitit files in `tasks[k].folder`, which `array_folder`
+        names with `%a`; the script is kept at `script_path`); the job ids, in task order.
+        Raises SubmissionError when the scheduler refuses it (nothing was submitted)."""
+
+    def successor_script(
+        self, folder: Path, parameters: Mapping[str, Any], *, python: str, sbatch_lines: Sequence[str]
+    ) -> str | None:
+        """The batch script a job of this run submits as its successor (`cluster.continue_with:
+        chain`): what a single submission of the run sends; None where jobs cannot chain."""
+
+    def start_estimate(self, script: str) -> str | None:
+        """The scheduler's own estimate of when a job of this batch script would start (SLURM:
+        `sbatch --test-only`); None where there is no scheduler to ask."""
 
     def needs_scheduler(self, rec: RunRecord) -> bool:
         """Whether a poll must ask the scheduler about `rec` even though its record says final
@@ -105,3 +142,7 @@ class RunningJob(Protocol):
     def exclude_next(self, hosts: Sequence[str], nodes_needed: int) -> str:
         """Keep `hosts` out of the job's next run (after a requeue) when enough other nodes remain
         for `nodes_needed`; returns a sentence saying what was done, or why not."""
+
+    def submit_successor(self, run_dir: Path) -> str | None:
+        """Submit the job that continues this run once this one ends (`cluster.continue_with:
+        chain`); its job id, or None where it could not (the reason is logged)."""

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.rundir.runs import AttemptState, StopReason
 
 if TYPE_CHECKING:  # type-only: the worker imports this module
-    from orchestrator.backends.base import Observation
+    from orchestrator.backends.base import ArrayTask, Observation
     from orchestrator.rundir.runs import RunRecord
     from orchestrator.spec.schema import RunConfig
 
@@ -148,6 +148,37 @@ class LocalBackend:
         local.update_parameters(**parameters)
         return local
 
+    def submit_array(
+        self,
+        fn: Callable[..., Any],
+        tasks: Sequence[ArrayTask],
+        *,
+        array_folder: Path,
+        script_path: Path,
+        parameters: Mapping[str, Any],
+        python: str,
+        sbatch_lines: Sequence[str],
+        max_parallel: int | None,
+    ) -> list[str]:
+        # NOTE: no arrays here: every element is a local job of its own, submitted one after
+        # another and all running at once (`max_parallel` is not enforced on one machine).
+        return [
+            str(
+                self.make_executor(t.folder, parameters, python=python, sbatch_lines=())
+                .submit(fn, *t.args)
+                .job_id
+            )
+            for t in tasks
+        ]
+
+    def successor_script(
+        self, folder: Path, parameters: Mapping[str, Any], *, python: str, sbatch_lines: Sequence[str]
+    ) -> str | None:
+        return None  # the schema allows chain with SLURM only
+
+    def start_estimate(self, script: str) -> str | None:
+        return None  # no queue
+
     def needs_scheduler(self, rec: RunRecord) -> bool:
         return False  # a pid check needs no final state from anyone
 
@@ -212,3 +243,7 @@ class LocalRunningJob:
 
     def exclude_next(self, hosts: Sequence[str], nodes_needed: int) -> str:
         return "one machine (local executor): the next attempt runs on the same node"
+
+    def submit_successor(self, run_dir: Path) -> str | None:
+        logger.warning("no successor: the local executor has no scheduler to chain jobs with")
+        return None

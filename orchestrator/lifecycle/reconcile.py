@@ -34,6 +34,7 @@ class Budgets:
     max_preemptions: int | None = None
     max_attempts_without_progress: int = 3
     max_hangs: int = 2
+    total_time_min: int | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> Budgets:
@@ -44,6 +45,7 @@ class Budgets:
             max_preemptions=None if data.get("max_preemptions") is None else int(data["max_preemptions"]),
             max_attempts_without_progress=int(data.get("max_attempts_without_progress", 3)),
             max_hangs=int(data.get("max_hangs", 2)),
+            total_time_min=None if data.get("total_time_min") is None else int(data["total_time_min"]),
         )
 
 
@@ -133,11 +135,29 @@ def apply_events(
             _bump_step(cur, ev.get("step"))
             cur.requeued = bool(ev.get("requeued"))
             cur.error = ev.get("error")
+            if ev.get("successor"):
+                _chained_attempt(rec, cur, str(ev["successor"]), when)
     if progress and rec.attempts:
         key = progress.get("attempt_key")
         for att in rec.attempts:
             if key is not None and att.attempt_key == key:
                 _bump_step(att, progress.get("step"))
+
+
+def _chained_attempt(rec: RunRecord, prev: Attempt, job_id: str, when: Any) -> None:
+    """`cluster.continue_with: chain`: the job that `prev`'s job submitted to continue the run (its
+    `exit` event names it) is the run's next attempt, pending until its `start` event."""
+    if any(a.job_id == job_id for a in rec.attempts):
+        return
+    rec.attempts.append(
+        Attempt(
+            number=len(rec.attempts) + 1,
+            job_id=job_id,
+            submitted=when if isinstance(when, (int, float)) else None,
+            exclude=list(prev.exclude),
+            note=f"chained by job {prev.job_id} (cluster.continue_with: chain)",
+        )
+    )
 
 
 def _bump_step(att: Attempt, step: Any) -> None:
@@ -177,6 +197,14 @@ def check_budgets(attempts: list[Attempt], budgets: Budgets) -> BudgetVerdict:
     if hangs > budgets.max_hangs:
         why = f"{hangs} hung attempts, more than cluster.max_hangs={budgets.max_hangs}"
         return BudgetVerdict(True, why, failures, preemptions, streak)
+    started = [a.started for a in attempts if a.started is not None]
+    last_end = max((a.ended for a in ended if a.ended is not None), default=None)
+    if budgets.total_time_min is not None and started and last_end is not None:
+        total = last_end - min(started)
+        if total > budgets.total_time_min * 60:
+            cap = budgets.total_time_min
+            why = f"ran {total / 60:.1f} min in total, more than cluster.total_time_min={cap}"
+            return BudgetVerdict(True, why, failures, preemptions, streak)
     if budgets.max_preemptions is not None and preemptions > budgets.max_preemptions:
         why = (
             f"{preemptions} preemptions/time limits, "

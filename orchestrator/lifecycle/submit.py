@@ -153,6 +153,9 @@ def dry_run(config: str | Path, overrides: list[str], *, home: str | None, echo:
     echo(plan.rendered["sbatch.sh"].rstrip("\n"))
     echo("# --- submitit ---")
     echo(plan.describe())
+    estimate = backend_for(plan.executor).start_estimate(plan.rendered["sbatch.sh"])
+    if estimate is not None:
+        echo(f"# queue estimate (sbatch --test-only): {estimate}")
     try:
         check_passthrough(cfg)
     except PassthroughMissingError as exc:
@@ -165,23 +168,31 @@ def dry_run(config: str | Path, overrides: list[str], *, home: str | None, echo:
 
 
 def create_run(
-    cfg: RunConfig, home: Path, config_file: Path | None, *, mode: HomeMode | None = None
+    cfg: RunConfig,
+    home: Path,
+    config_file: Path | None,
+    *,
+    mode: HomeMode | None = None,
+    run_id: str | None = None,
 ) -> tuple[Path, RunRecord]:
     """Create a new run directory (run.yaml, logs/, run.json) under `home`, and `home` if it does
-    not exist, readable as `mode` says (default: `MOE_ORCH_HOME_MODE`; rundir/access.py)."""
+    not exist, readable as `mode` says (default: `MOE_ORCH_HOME_MODE`; rundir/access.py). `run_id`:
+    this id (a sweep's element), else a new one."""
     from orchestrator.spec.loading import dump_config
 
     mode = mode or HomeMode.configured()
     access.make_home(home, mode)
     with access.umask(access.files_umask(mode.dir_mode)):
+        fixed = run_id
         while True:
-            run_id = runs.new_run_id(cfg.name)
+            run_id = fixed or runs.new_run_id(cfg.name)
             run_dir = home / run_id
             try:
                 access.make_run_dir(run_dir, mode)
                 break
             except FileExistsError:
-                continue
+                if fixed:
+                    raise
         (run_dir / "logs").mkdir()
         text = dump_config(cfg)
         (run_dir / "run.yaml").write_text(text)
@@ -202,18 +213,15 @@ def create_run(
             "max_hangs": c.max_hangs,
             "exclude_stragglers": c.exclude_stragglers,
             "straggler_factor": c.straggler_factor,
+            "total_time_min": c.total_time_min,
         },
     )
     runs.write_run(run_dir, record)
     return run_dir, record
 
 
-def submit_attempt(run_dir: Path, cfg: RunConfig, *, note: str | None, freeze: str | None) -> Attempt:
-    """Render, bundle and submit one attempt of the run; record it in run.json.
-
-    A refused submission is recorded (run state `failed`, the scheduler's message) and raised as
-    SubmissionError: the record never shows a job that does not exist.
-    """
+def prepare_attempt(run_dir: Path, cfg: RunConfig, *, freeze: str | None) -> tuple[SubmissionPlan, int]:
+    """Render and bundle the next attempt of the run (nothing submitted): its plan and number."""
     from orchestrator.lifecycle.bundle import write_bundle
     from orchestrator.render.files import write_rendered
 
@@ -231,40 +239,54 @@ def submit_attempt(run_dir: Path, cfg: RunConfig, *, note: str | None, freeze: s
         freeze=freeze,
         passthrough=plan.cfg.cluster.env_passthrough,
     )
-    submitted = time.time()
-    try:
-        check_passthrough(plan.cfg)  # a resubmission from another shell: recorded as refused
-        executor = backend_for(plan.executor).make_executor(
-            plan.run_dir / "logs", plan.parameters, python=plan.python, sbatch_lines=plan.sbatch_lines
-        )
-        from orchestrator.lifecycle.job import run_worker
+    write_successor_script(plan)
+    return plan, number
 
-        job = executor.submit(run_worker, str(run_dir / "run.yaml"), str(run_dir), plan.env)
-        job_id = str(job.job_id)
-    except Exception as exc:  # submitit raises FailedJobError/FailedSubmissionError/OSError
-        message = str(exc).strip() or type(exc).__name__
 
-        def _failed(r: RunRecord) -> None:
-            r.attempts.append(
-                Attempt(
-                    number=number,
-                    job_id=None,
-                    submitted=submitted,
-                    ended=time.time(),
-                    state=AttemptState.ENDED,
-                    stop_reason=StopReason.FAILED,
-                    error=f"submission failed: {message}",
-                    exclude=plan.cfg.cluster.exclude,
-                    note=note,
-                )
+def write_successor_script(plan: SubmissionPlan) -> None:
+    """`cluster.continue_with: chain`: `<run>/logs/successor.sh`, the script a job of the run submits
+    to continue it (backends/slurm/chain.py): what a single submission sends."""
+    if plan.cfg.cluster.continue_with != "chain":
+        return
+    from orchestrator.backends.slurm.chain import SUCCESSOR_SCRIPT
+
+    logs = plan.run_dir / "logs"
+    text = backend_for(plan.executor).successor_script(
+        logs, plan.parameters, python=plan.python, sbatch_lines=plan.sbatch_lines
+    )
+    if text is not None:
+        (logs / SUCCESSOR_SCRIPT).write_text(text)
+
+
+def record_refused(
+    run_dir: Path, plan: SubmissionPlan, number: int, *, submitted: float, message: str, note: str | None
+) -> None:
+    """A submission the scheduler refused: recorded (run `failed`, its message), so the record never
+    shows a job that does not exist."""
+
+    def _failed(r: RunRecord) -> None:
+        r.attempts.append(
+            Attempt(
+                number=number,
+                job_id=None,
+                submitted=submitted,
+                ended=time.time(),
+                state=AttemptState.ENDED,
+                stop_reason=StopReason.FAILED,
+                error=f"submission failed: {message}",
+                exclude=plan.cfg.cluster.exclude,
+                note=note,
             )
-            r.state, r.state_reason = RunState.FAILED, f"submission failed: {message}"
+        )
+        r.state, r.state_reason = RunState.FAILED, f"submission failed: {message}"
 
-        runs.update_run(run_dir, _failed)
-        if isinstance(exc, MoeOrchError):
-            raise
-        raise SubmissionError(f"submission failed: {message}") from None
-    logger.info("submitted %s as job %s", run_dir.name, job_id)
+    runs.update_run(run_dir, _failed)
+
+
+def record_submitted(
+    run_dir: Path, plan: SubmissionPlan, number: int, job_id: str, *, submitted: float, note: str | None
+) -> Attempt:
+    """The submitted job as the run's next attempt (run `pending`)."""
 
     def _record(r: RunRecord) -> None:
         for att in r.attempts:
@@ -281,7 +303,39 @@ def submit_attempt(run_dir: Path, cfg: RunConfig, *, note: str | None, freeze: s
             r.state, r.state_reason = RunState.PENDING, None
 
     rec = runs.update_run(run_dir, _record)
-    return rec.attempts[-1]
+    return [a for a in rec.attempts if a.job_id == job_id][-1]
+
+
+def job_arguments(run_dir: Path, plan: SubmissionPlan) -> tuple[str, str, dict[str, str]]:
+    """What the job function (`lifecycle.job.run_worker`) is called with."""
+    return str(run_dir / "run.yaml"), str(run_dir), plan.env
+
+
+def submit_attempt(run_dir: Path, cfg: RunConfig, *, note: str | None, freeze: str | None) -> Attempt:
+    """Render, bundle and submit one attempt of the run; record it in run.json.
+
+    A refused submission is recorded (run state `failed`, the scheduler's message) and raised as
+    SubmissionError: the record never shows a job that does not exist.
+    """
+    plan, number = prepare_attempt(run_dir, cfg, freeze=freeze)
+    submitted = time.time()
+    try:
+        check_passthrough(plan.cfg)  # a resubmission from another shell: recorded as refused
+        executor = backend_for(plan.executor).make_executor(
+            plan.run_dir / "logs", plan.parameters, python=plan.python, sbatch_lines=plan.sbatch_lines
+        )
+        from orchestrator.lifecycle.job import run_worker
+
+        job = executor.submit(run_worker, *job_arguments(run_dir, plan))
+        job_id = str(job.job_id)
+    except Exception as exc:  # submitit raises FailedJobError/FailedSubmissionError/OSError
+        message = str(exc).strip() or type(exc).__name__
+        record_refused(run_dir, plan, number, submitted=submitted, message=message, note=note)
+        if isinstance(exc, MoeOrchError):
+            raise
+        raise SubmissionError(f"submission failed: {message}") from None
+    logger.info("submitted %s as job %s", run_dir.name, job_id)
+    return record_submitted(run_dir, plan, number, job_id, submitted=submitted, note=note)
 
 
 def submit(

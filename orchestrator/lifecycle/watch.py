@@ -24,7 +24,7 @@ from orchestrator.errors import SubmissionError
 from orchestrator.lifecycle.hangs import end_frozen_attempt, frozen_attempt, nodes_to_exclude
 from orchestrator.lifecycle.reconcile import Budgets, check_budgets
 from orchestrator.lifecycle.status import RunView, poll
-from orchestrator.rundir import runs
+from orchestrator.rundir import reports, runs
 from orchestrator.rundir.runs import RunRecord, RunState, StopReason
 
 logger = logging.getLogger(__name__)
@@ -130,11 +130,17 @@ def act(view: RunView, echo: Echo) -> str | None:
 
 
 def watch_once(run_dirs: list[Path], echo: Echo) -> list[RunView]:
+    from orchestrator import notify
+
+    notify.install("watch")  # the events watch writes itself (a frozen job ended as hung)
     views = poll(run_dirs)
     for view in views:
         line = act(view, echo)
         if line:
             echo(line)
+        if notify.notifier_for(view.run_dir) is not None:  # what no event of the job tells
+            rec = runs.read_run(view.run_dir)
+            notify.notify_unreported(view.run_dir, rec, reports.read_events(view.run_dir))
     return views
 
 
@@ -145,7 +151,10 @@ def watch(home: Path, specs: list[str], *, interval: float, once: bool, echo: Ec
         if specs:
             dirs = [runs.find_run(home, s) for s in specs]
         else:
-            dirs = [d for d in runs.list_runs(home) if not runs.read_run(d).final]
+            from orchestrator.rundir import sweeps
+
+            every = runs.list_runs(home) + [d for sd in sweeps.list_sweeps(home) for d in runs.list_runs(sd)]
+            dirs = [d for d in every if not runs.read_run(d).final]  # sweep elements too
         views = watch_once(dirs, echo)
         for v in views:
             rec = runs.read_run(v.run_dir)  # after any resubmission

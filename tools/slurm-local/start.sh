@@ -8,6 +8,10 @@
 # Settings (environment variables, default in brackets):
 #   SLURM_LOCAL_DIR             [/tmp/slurm-local] config, state, logs, pid files (run/), env.sh
 #   SLURM_LOCAL_NODES           [2]     number of fake nodes n1..nN (one slurmd each)
+#   SLURM_LOCAL_NODE_PREFIX     [n]     node names: <prefix>1..<prefix>N (a second cluster: e.g. c)
+#   SLURM_LOCAL_JOB_REQUEUE     [1]     JobRequeue: 0 makes jobs not requeueable unless they ask
+#                                       for it (a cluster without requeue, for chain tests)
+#   SLURM_LOCAL_MAX_TIME        [INFINITE] MaxTime of the default partition `debug`, in minutes
 #   SLURM_LOCAL_CPUS            [2]     CPUs per node (scheduling numbers only; nothing enforced)
 #   SLURM_LOCAL_MEM_MB          [4000]  RealMemory per node; --mem above it is rejected at submit
 #   SLURM_LOCAL_GPUS            [2]     fake GPUs per node (symlinks to /dev/null); 0 for none
@@ -33,6 +37,9 @@ export SLURM_LOCAL_DIR="${SLURM_LOCAL_DIR:-/tmp/slurm-local}"
 source "$HERE/lib.sh"
 
 NODES="${SLURM_LOCAL_NODES:-2}"
+NODE_PREFIX="${SLURM_LOCAL_NODE_PREFIX:-n}"
+JOB_REQUEUE="${SLURM_LOCAL_JOB_REQUEUE:-1}"
+MAX_TIME="${SLURM_LOCAL_MAX_TIME:-INFINITE}"
 CPUS="${SLURM_LOCAL_CPUS:-2}"
 MEM_MB="${SLURM_LOCAL_MEM_MB:-4000}"
 GPUS="${SLURM_LOCAL_GPUS:-2}"
@@ -72,13 +79,16 @@ check_int SLURM_LOCAL_DBD_PORT "$DBD_PORT" 1 65535
 check_int SLURM_LOCAL_DB_PORT "$DB_PORT" 1 65535
 check_int SLURM_LOCAL_NODE_PORT "$NODE_PORT" 1 $((65536 - NODES))
 check_int SLURM_LOCAL_WAIT "$WAIT" 1 3600
+check_int SLURM_LOCAL_JOB_REQUEUE "$JOB_REQUEUE" 0 1
+[[ "$NODE_PREFIX" =~ ^[a-z][a-z0-9-]*$ ]] || sl_die "SLURM_LOCAL_NODE_PREFIX must be lower-case letters, digits and -, starting with a letter; got '$NODE_PREFIX'"
+[[ "$MAX_TIME" == INFINITE || "$MAX_TIME" =~ ^[1-9][0-9]*$ ]] || sl_die "SLURM_LOCAL_MAX_TIME must be INFINITE or minutes (an integer >= 1); got '$MAX_TIME'"
 sl_check_dir
 [[ "$(id -u)" == 0 ]] || sl_die "start.sh runs the daemons as root (SlurmUser=root); run it as root"
 
 D="$SL_DIR"
 NODE_NAMES=()
-for ((i = 1; i <= NODES; i++)); do NODE_NAMES+=("n$i"); done
-if ((NODES == 1)); then NODE_SET=n1; else NODE_SET="n[1-$NODES]"; fi
+for ((i = 1; i <= NODES; i++)); do NODE_NAMES+=("$NODE_PREFIX$i"); done
+if ((NODES == 1)); then NODE_SET="${NODE_PREFIX}1"; else NODE_SET="$NODE_PREFIX[1-$NODES]"; fi
 
 # ---------------------------------------------------------------- packages
 need_pkgs=(slurmctld slurmd slurm-client munge)
@@ -161,7 +171,7 @@ SchedulerParameters=bf_interval=5,sched_interval=5
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
-JobRequeue=1
+JobRequeue=$JOB_REQUEUE
 ReturnToService=2
 MinJobAge=600
 InactiveLimit=0
@@ -194,10 +204,10 @@ EOF
     gres=" Gres=gpu:$GPUS"
   fi
   for ((i = 1; i <= NODES; i++)); do
-    echo "NodeName=n$i NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((NODE_PORT + i - 1)) CPUs=$CPUS RealMemory=$MEM_MB$gres State=UNKNOWN"
+    echo "NodeName=$NODE_PREFIX$i NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((NODE_PORT + i - 1)) CPUs=$CPUS RealMemory=$MEM_MB$gres State=UNKNOWN"
   done
   cat <<EOF
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=30
+PartitionName=debug Nodes=ALL Default=YES MaxTime=$MAX_TIME State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=30
 PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 EOF
 } >"$NEW/slurm.conf"
@@ -367,7 +377,7 @@ nodes_ok() {
   local states
   states="$(sinfo -h -N -o '%N %t' | sort -u)" || return 1
   [[ "$(wc -l <<<"$states")" -eq "$NODES" ]] || return 1
-  ! grep -qvE '^n[0-9]+ (idle|alloc|mix|comp)$' <<<"$states"
+  ! grep -qvE "^$NODE_PREFIX[0-9]+ (idle|alloc|mix|comp)\$" <<<"$states"
 }
 for ((i = 0; ; i++)); do
   nodes_ok && break

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import shlex
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -28,7 +28,7 @@ from orchestrator.rundir.runs import AttemptState, RunState
 from orchestrator.spec.secrets import not_exported
 
 if TYPE_CHECKING:
-    from orchestrator.backends.base import Observation
+    from orchestrator.backends.base import ArrayTask, Observation
     from orchestrator.rundir.runs import RunRecord
     from orchestrator.spec.schema import RunConfig
 
@@ -174,6 +174,48 @@ class SlurmBackend:
         ex.sbatch_lines = list(sbatch_lines)
         ex.update_parameters(**parameters)
         return ex
+
+    def submit_array(
+        self,
+        fn: Callable[..., Any],
+        tasks: Sequence[ArrayTask],
+        *,
+        array_folder: Path,
+        script_path: Path,
+        parameters: Mapping[str, Any],
+        python: str,
+        sbatch_lines: Sequence[str],
+        max_parallel: int | None,
+    ) -> list[str]:
+        from orchestrator.backends.slurm import array
+
+        lines = array.array_sbatch_lines(
+            sbatch_lines, count=len(tasks), max_parallel=max_parallel, array_folder=array_folder
+        )
+        try:
+            script = array.array_script(
+                _slurm_executor_class(), count=len(tasks), array_folder=array_folder, parameters=parameters,
+                python=python, sbatch_lines=lines, max_num_timeout=MAX_NUM_TIMEOUT,
+            )  # fmt: skip
+        except RuntimeError as exc:
+            raise SubmissionError(
+                f"{exc}: `srun` is not on PATH. "
+                "Submit from a SLURM login node, or set cluster.executor: local"
+            ) from None
+        return array.submit_array(
+            fn, tasks, script=script, script_path=script_path, timeout_min=int(parameters.get("time", 5)),
+            max_num_timeout=MAX_NUM_TIMEOUT,
+        )  # fmt: skip
+
+    def successor_script(
+        self, folder: Path, parameters: Mapping[str, Any], *, python: str, sbatch_lines: Sequence[str]
+    ) -> str | None:
+        ex = self.make_executor(folder, parameters, python=python, sbatch_lines=sbatch_lines)
+        text: str = ex._make_submission_file_text(ex._submitit_command_str, "successor")
+        return text
+
+    def start_estimate(self, script: str) -> str | None:
+        return scheduler.start_estimate(script)
 
     def needs_scheduler(self, rec: RunRecord) -> bool:
         return not rec.final or rec.state == RunState.CANCELLED or _settling(rec)

@@ -286,6 +286,28 @@ def scancel(job_id: str, *options: str) -> None:
         raise SchedulerError(f"scancel {job_id} failed: {res.stderr.strip() or res.returncode}")
 
 
+def start_estimate(script: str) -> str | None:
+    """SLURM's own start estimate for a job of `script` (`sbatch --test-only`, which submits
+    nothing): `Job 12 to start at 2026-11-28T15:20:01 using 2 processors on nodes n[1-2] in
+    partition debug`; None when SLURM's commands are not here, its error when it refuses."""
+    if shutil.which("sbatch") is None:
+        return None
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="moe-orch-test-only-") as f:
+        f.write(script)
+        f.flush()
+        try:
+            res = _run(["sbatch", "--test-only", f.name], timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"unavailable (sbatch --test-only: {exc})"
+    text = " ".join((res.stderr + res.stdout).split())
+    found = re.search(r"Job \d+ to start at .*", text)
+    if res.returncode == 0 and found:
+        return found.group(0)
+    return f"unavailable (sbatch --test-only: {text or res.returncode})"
+
+
 def available() -> bool:
     """Whether SLURM's client commands are on PATH."""
     return shutil.which("sbatch") is not None and shutil.which("squeue") is not None
