@@ -26,18 +26,11 @@ from typing import Any, cast
 import torch
 
 from orchestrator.errors import CheckpointError, ExportError
-from orchestrator.rundir.checkpoints import (
-    checkpoints_dir,
-    latest_valid_checkpoint,
-    list_checkpoints,
-    verify_checkpoint,
-)
+from orchestrator.rundir.checkpoints import EXPERT_FILE_RE, MODEL_STATES, choose_checkpoint
 from orchestrator.spec.schema import RunConfig
 
 logger = logging.getLogger(__name__)
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
-EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 _BLOCK_RE = re.compile(r"^transformer\.blocks\.(\d+)\.")
 # DeepSpeed's MoE (and the dropless layer) nest the FFN's parameters; the HF model does not.
 _GATE_RE = re.compile(r"^(transformer\.blocks\.\d+\.ffn)\.moe\.(?:deepspeed_moe\.)?gate\.wg\.weight$")
@@ -100,7 +93,7 @@ def _check_expert_files(ckpt_dir: Path, num_moe_layers: int, num_experts: int) -
         (int(m.group(1)), int(m.group(2))) for p in ckpt_dir.iterdir() if (m := EXPERT_FILE_RE.match(p.name))
     }
     if not found:
-        return  # the dropless layer (no expert parallelism) keeps its experts in the module states
+        return  # a dropless checkpoint from before issue 14 keeps its experts in the module states
     missing = [
         f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt"
         for layer in range(num_moe_layers)
@@ -281,25 +274,6 @@ def export_checkpoint(ckpt_dir: Path, run_config: RunConfig, tokenizer_dir: Path
     return out_dir
 
 
-def _choose_checkpoint(run_dir: Path, tag: str | None) -> Path:
-    tags = [info.tag for info in list_checkpoints(run_dir)]
-    have = f"checkpoints there: {', '.join(tags)}" if tags else "it has no checkpoints yet"
-    if tag is None:
-        path = latest_valid_checkpoint(run_dir)
-        if path is None:
-            raise CheckpointError(f"run {run_dir.name} has no valid checkpoint to export ({have})")
-        return path
-    path = checkpoints_dir(run_dir) / tag
-    if not path.is_dir():
-        raise CheckpointError(f"run {run_dir.name} has no checkpoint {tag!r} ({have})")
-    if not verify_checkpoint(path):
-        raise CheckpointError(
-            f"checkpoint {tag} of run {run_dir.name} is incomplete or damaged (its manifest does not "
-            f"verify); export another one ({have})"
-        )
-    return path
-
-
 def export_run(run_dir: Path, out_dir: Path | None = None, tag: str | None = None) -> Path:
     """Export a run's checkpoint `tag` (default: the newest valid one) to `out_dir` (default
     `<run_dir>/export`), using the run's own `run.yaml` and `tokenizer/`."""
@@ -310,7 +284,7 @@ def export_run(run_dir: Path, out_dir: Path | None = None, tag: str | None = Non
     if not run_yaml.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory: run.yaml is missing")
     cfg = load_resolved(run_yaml)
-    ckpt = _choose_checkpoint(run_dir, tag)
+    ckpt = choose_checkpoint(run_dir, tag, "export")
     tokenizer_dir = run_dir / "tokenizer"
     if not tokenizer_dir.is_dir():
         raise ExportError(f"run {run_dir.name} has no tokenizer/ folder; it is written when training starts")

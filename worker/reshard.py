@@ -47,6 +47,7 @@ from orchestrator.errors import CheckpointError
 from orchestrator.rundir.checkpoints import (
     CLIENT_STATE,
     MANIFEST,
+    MODEL_STATES,
     PARTIAL_PREFIX,
     checkpoints_dir,
     read_client_state,
@@ -58,9 +59,7 @@ from orchestrator.spec.topology import Topology
 
 logger = logging.getLogger(__name__)
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO_FILE_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
-EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 EXPERT_NAME_RE = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..+)$")
 EP_GROUP_RE = re.compile(r"^ep_size_\d+$")
 OSD = "optimizer_state_dict"
@@ -293,10 +292,10 @@ def _layout(state: CheckpointState, new: Topology) -> list[list[_Part]]:
         named = any(EXPERT_NAME_RE.match(n) for n in group.names[0])
         if group.moe and not named and (state.topology.ep_size, new.ep_size) != (1, 1):
             raise CheckpointError(
-                f"{state.path}: its expert parameters are not DeepSpeed's MoE experts (the dropless "
-                "layer?); they can move to another world size at ep_size 1 only"
+                f"{state.path}: its expert parameters are not DeepSpeed's MoE experts (a dropless "
+                "checkpoint from before issue 14?); they can move to another world size at ep_size 1 only"
             )
-        if not group.moe or not named:  # a non-expert group, or the dropless layer's (ep_size 1)
+        if not group.moe or not named:  # a non-expert group, or an old dropless one (ep_size 1)
             pairs = [(n, n) for n in group.names[0]]
             out.append([_Part(pairs, sum(_numel(state.shapes[n]) for n in group.names[0]))])
             continue

@@ -14,15 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator.errors import CheckpointError
 from orchestrator.rundir import runs
 from orchestrator.rundir.atomic import atomic_write_text
-from orchestrator.rundir.checkpoints import (
-    checkpoints_dir,
-    latest_valid_checkpoint,
-    list_checkpoints,
-    verify_checkpoint,
-)
+from orchestrator.rundir.checkpoints import choose_checkpoint
 from orchestrator.spec.loading import dump_config, load_resolved
 from orchestrator.spec.topology import Topology, change_lines, target_topology, with_topology
 
@@ -32,24 +26,6 @@ if TYPE_CHECKING:
 
 def _where(nodes: int, tasks_per_node: int) -> str:
     return f"--nodes {nodes} x --tasks-per-node {tasks_per_node}"
-
-
-def _checkpoint(run_dir: Path, tag: str | None) -> Path:
-    tags = [info.tag for info in list_checkpoints(run_dir)]
-    have = f"checkpoints there: {', '.join(tags)}" if tags else "it has no checkpoints yet"
-    if tag is None:
-        path = latest_valid_checkpoint(run_dir)
-        if path is None:
-            raise CheckpointError(f"run {run_dir.name} has no valid checkpoint to reshard ({have})")
-        return path
-    path = checkpoints_dir(run_dir) / tag
-    if not path.is_dir() or tag not in tags:
-        raise CheckpointError(f"run {run_dir.name} has no checkpoint {tag!r} ({have})")
-    if not verify_checkpoint(path):
-        raise CheckpointError(
-            f"checkpoint {tag} of run {run_dir.name} does not verify; choose another ({have})"
-        )
-    return path
 
 
 def reshard_run(
@@ -68,7 +44,7 @@ def reshard_run(
     global batch cannot be kept, or when the run's config cannot take it.
     """
     cfg = load_resolved(run_dir / "run.yaml")
-    source = _checkpoint(run_dir, tag)
+    source = choose_checkpoint(run_dir, tag, "reshard")
     # NOTE: imported here: the checkpoint's files are read with torch, which the CLI never loads.
     from worker.reshard import read_topology, reshard_checkpoint
 

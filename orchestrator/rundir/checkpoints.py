@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.errors import CheckpointError
 from orchestrator.rundir.atomic import atomic_write_text, fsync_dir, fsync_file
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"
 CLIENT_STATE = "client_state.json"
+MODEL_STATES = "mp_rank_00_model_states.pt"
+"""DeepSpeed's file of the non-expert weights (its `module`), one per checkpoint."""
+EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
+"""DeepSpeed's file of one expert: MoE layer L (in block order), global expert id E."""
 PARTIAL_PREFIX = ".partial-"
 TAG_RE = re.compile(r"^step-(\d+)$")
 RESHARD_TAG_RE = re.compile(r"^(step-\d+)-(w\d+e\d+)$")
@@ -258,6 +263,28 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
         if step is not None and child.is_dir():
             found.append(CheckpointInfo(tag=child.name, step=step, path=child))
     return sorted(found, key=lambda info: info.step)
+
+
+def choose_checkpoint(run_dir: Path, tag: str | None, purpose: str) -> Path:
+    """The checkpoint `tag` of a run, or its newest valid one when `tag` is None, for `purpose`
+    ("export", "reshard"); raises CheckpointError naming the checkpoints there when there is none
+    or `tag` does not verify."""
+    tags = [info.tag for info in list_checkpoints(run_dir)]
+    have = f"checkpoints there: {', '.join(tags)}" if tags else "it has no checkpoints yet"
+    if tag is None:
+        path = latest_valid_checkpoint(run_dir)
+        if path is None:
+            raise CheckpointError(f"run {run_dir.name} has no valid checkpoint to {purpose} ({have})")
+        return path
+    path = checkpoints_dir(run_dir) / tag  # also a resharded copy (`<tag>-w<W>e<E>`), not listed
+    if not path.is_dir():
+        raise CheckpointError(f"run {run_dir.name} has no checkpoint {tag!r} ({have})")
+    if not verify_checkpoint(path):
+        raise CheckpointError(
+            f"checkpoint {tag} of run {run_dir.name} is incomplete or damaged (its manifest does not "
+            f"verify); {purpose} another one ({have})"
+        )
+    return path
 
 
 def latest_valid_checkpoint(run_dir: str | Path, *, full: bool = True) -> Path | None:
