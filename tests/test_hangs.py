@@ -163,6 +163,29 @@ def test_a_hang_event_ends_the_attempt_hung_and_watch_resubmits_on_the_same_two_
     assert "stop hung" in shown and "hang: detected by rank 0 14.0 s after the last progress" in shown
 
 
+@pytest.mark.parametrize("policy", [True, False])
+def test_a_straggler_node_is_excluded_at_the_next_attempt_only_with_exclude_stragglers(
+    fake: FakeSlurm, tmp_path: Path, policy: bool
+) -> None:
+    sets = [f"cluster.exclude_stragglers={str(policy).lower()}"]
+    run_dir = submit.submit(TINY_SLURM, sets, home=str(tmp_path), echo=lambda _: None)
+    write_start(run_dir, "100")
+    write_event(run_dir, event="straggler", attempt_key="100.0", step=40, rank=1, host="n2", factor=3.1)
+    write_event(run_dir, event="exit", reason="failed", step=50, requeued=False, error="RuntimeError: boom")
+    fake.set_state("100", None)
+    fake.add_acct("100", "FAILED", "1:0")
+    fake.node_states = {"n1": "idle", "n2": "idle", "n3": "idle"}
+    watch_once([run_dir], lambda _: None)
+    rec = runs.read_run(run_dir)
+    assert rec.attempts[0].stragglers == [{"rank": 1, "host": "n2", "factor": 3.1, "step": 40}]
+    assert [a.job_id for a in rec.attempts] == ["100", "101"]
+    if policy:
+        assert rec.excluded_nodes == ["n2"] and "#SBATCH --exclude=n2" in fake.jobs["101"].script
+        assert "excluded n2 from the next run" in (rec.attempts[1].note or "")
+    else:
+        assert rec.excluded_nodes == [] and "--exclude" not in fake.jobs["101"].script
+
+
 def test_hangs_beyond_max_hangs_fail_the_run(fake: FakeSlurm, tmp_path: Path) -> None:
     run_dir = submit.submit(TINY_SLURM, ["cluster.max_hangs=0"], home=str(tmp_path), echo=lambda _: None)
     write_start(run_dir, "100")
