@@ -4,7 +4,10 @@
 #    over NCCL, one rank per GPU, its checkpoints, a bitwise resume and the Hugging Face export;
 # 2. the benchmark: bf16 training of a ~0.9B-parameter MoE (8 experts, top-2, ep_size 1) with our
 #    dropless layer and with the stock DeepSpeed MoE layer, against its dense parent: tokens/s and
-#    MFU (989 TFLOP/s), each variant in its own process (80 s cap each).
+#    MFU (989 TFLOP/s), each variant in its own process (80 s cap each), torch's fused AdamW as the
+#    worker builds it;
+# 3. the MoE layers alone in bf16 (`bench.moe_layer --device cuda`, 60 s cap): dropless vs stock
+#    (and stock without dropping, and the dense FFN of equal FLOPs), top-1 and top-2, 4k-64k tokens.
 #
 #   bash bench/gpu_wheels.sh     # here, beforehand: bench/wheels/*.whl (deepspeed, submitit, ...)
 #   bash bench/gpu.sh            # there, from the repository root (the wheels travel with it)
@@ -13,7 +16,8 @@
 #
 # Installs the wheels with --no-index --no-deps into a private folder (the image's packages, pytest
 # among them, are left alone), checks the imports, runs the tests (log: $OUT/gpu-tests.log) and
-# `python -m bench.gpu_train`, and copies bench/results/<date>-gpu-train.{json,md} to $OUT when set.
+# `python -m bench.gpu_train` and `python -m bench.moe_layer --device cuda --dtype bf16`, and copies
+# bench/results/<date>-gpu-train.{json,md} and <date>-gpu-moe-layer.{json,md} to $OUT when set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -66,5 +70,9 @@ env -u DS_ACCELERATOR PYTHONUNBUFFERED=1 timeout 200 "$PY" -m pytest -m gpu -q -
 
 echo "== $(date -u +%FT%TZ) training (dense, stock, dropless)"
 "$PY" -m bench.gpu_train --timeout 80 ${OUT:+--out "$OUT"} || rc=$?
+
+echo "== $(date -u +%FT%TZ) MoE layers (bf16: dropless, stock, stock-nodrop, dense)"
+env -u DS_ACCELERATOR timeout 60 "$PY" -m bench.moe_layer --device cuda --dtype bf16 \
+    --tokens 4096 16384 65536 --repeats 10 ${OUT:+--out "$OUT"} || rc=$?
 echo "== done in $(( $(date +%s) - START )) s (rc $rc)"
 exit $rc

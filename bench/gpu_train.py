@@ -3,8 +3,8 @@
     bash bench/gpu.sh                          # on the H200 machine (installs the wheels, runs this)
     python -m bench.gpu_train --dry            # the same code on CPU, tiny shape, fp32 (CI)
 
-One GPU, bf16, ZeRO-2, ep_size 1, torch AdamW, built exactly as the worker builds it
-(`worker.model.build_model`, `optimizer_param_groups`, `moe_aux_loss`,
+One GPU, bf16, ZeRO-2, ep_size 1, torch's fused AdamW, built exactly as the worker builds it
+(`worker.model.build_model`, `build_optimizer`, `moe_aux_loss`,
 `orchestrator.spec.deepspeed.deepspeed_config`). Batches are random token ids. Each variant runs in its own
 process (a fresh CUDA context and process group); per variant, after warm-up steps, the median
 wall time of a training step (forward, backward, optimizer; `torch.cuda.synchronize` around it),
@@ -105,7 +105,7 @@ def measure_variant(shape: Shape, variant: str, gpu: bool) -> dict[str, Any]:
 
     from orchestrator.spec.deepspeed import deepspeed_config
     from worker.dist import skip_shm_build
-    from worker.model import build_model, moe_aux_loss, optimizer_param_groups
+    from worker.model import build_model, build_optimizer, moe_aux_loss
 
     if gpu:
         torch.cuda.set_device(0)
@@ -123,7 +123,7 @@ def measure_variant(shape: Shape, variant: str, gpu: bool) -> dict[str, Any]:
     finally:
         torch.set_default_device("cpu")
     n_params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, 0.0), lr=cfg.training.learning_rate)
+    optimizer = build_optimizer(model, lr=cfg.training.learning_rate, weight_decay=0.0)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
     build_s = time.perf_counter() - t0
 

@@ -2,6 +2,7 @@
 
     python -m bench.moe_layer            # d 256, FFN 1024, 8 experts, S = 256..16384, k = 1 and 2
     python -m bench.moe_layer --smoke    # tiny sizes, a few seconds (CI)
+    python -m bench.moe_layer --device cuda --dtype bf16   # on a GPU (bench/gpu.sh runs it)
 
 Per token count S and top-k, in one process, the median time of one forward+backward of:
 - `stock`: DeepSpeed's MoE as the worker builds it for training (capacity_factor 1.0, drop_tokens,
@@ -11,9 +12,14 @@ Per token count S and top-k, in one process, the median time of one forward+back
 - `dropless`: `worker.moe_dropless.DroplessMoE` (nothing dropped);
 - `dense`: an FFN of equal active FLOPs (width k * FFN), the floor any MoE dispatch adds to.
 The loss is sum(out * g) + 0.01 * l_aux with a fixed random g; the input requires grad, as inside a
-model. One torch thread unless --threads. Times are CPU time of the process (the machine is shared,
-so wall time mostly measures the neighbours), medians of round-robin repeats.
-Results go to bench/results/<date>-moe-layer.{json,md}.
+model. One torch thread unless --threads, glibc keeping freed memory as the worker's CPU ranks do
+(worker/malloc.py). Times are CPU time of the process (the machine is shared, so wall time mostly
+measures the neighbours), medians of round-robin repeats; on a GPU, wall time between
+`torch.cuda.synchronize` calls. Results go to bench/results/<date>-moe-layer.{json,md}
+(`-gpu-moe-layer` on a GPU).
+# NOTE: this DeepSpeed's stock layer dispatches sparsely (index_select into the (E, C, d) buffer,
+# not the one-hot einsum of older releases), so at equal FLOPs it costs about the dense FFN: the
+# expert GEMMs bound every layer here (see bench/README.md, "Reading it").
 """
 
 from __future__ import annotations
@@ -49,9 +55,10 @@ FULL = Shape(d_model=256, ffn=1024, experts=8, tokens=(256, 1024, 4096, 16384), 
 SMOKE = Shape(d_model=32, ffn=64, experts=4, tokens=(64, 256), repeats=2)
 
 
-def init_single_process_deepspeed() -> None:
+def init_single_process_deepspeed(device: str = "cpu") -> None:
     """A world-size-1 gloo group for DeepSpeed's MoE (it needs expert groups even at ep_size 1)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import torch.distributed as dist
 
@@ -71,7 +78,9 @@ def init_single_process_deepspeed() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
 
 
-def _layers(d_model: int, ffn: int, experts: int, k: int) -> dict[str, Any]:
+def _layers(
+    d_model: int, ffn: int, experts: int, k: int, device: str = "cpu", dtype: Any = None
+) -> dict[str, Any]:
     import torch
     from deepspeed.moe.layer import MoE
     from torch import nn
@@ -104,7 +113,8 @@ def _layers(d_model: int, ffn: int, experts: int, k: int) -> dict[str, Any]:
     for layer in (stock_nodrop, dropless):
         layer.load_state_dict(stock.state_dict())
     dense = nn.Sequential(nn.Linear(d_model, k * ffn), nn.GELU(), nn.Linear(k * ffn, d_model))
-    return {"stock": stock, "stock-nodrop": stock_nodrop, "dropless": dropless, "dense": dense}
+    layers = {"stock": stock, "stock-nodrop": stock_nodrop, "dropless": dropless, "dense": dense}
+    return {name: layer.to(device=device, dtype=dtype) for name, layer in layers.items()}
 
 
 def _step_fn(layer: Any, x: Any, target: Any) -> Callable[[], None]:
@@ -131,26 +141,43 @@ def run(
     repeats: int | None = None,
     warmup: int = 1,
     threads: int = 1,
+    device: str = "cpu",
+    dtype: str = "fp32",
 ) -> list[Result]:
     """Measure every (k, S) and return one `Result` per pair: ours = dropless, baseline = stock."""
+    import time
+
     import torch
 
+    from worker.malloc import keep_freed_memory
+
     torch.set_num_threads(threads)
-    init_single_process_deepspeed()
+    init_single_process_deepspeed(device)
+    clock = CPU_CLOCK
+    if device == "cpu":
+        keep_freed_memory()
+    else:
+
+        def clock() -> float:  # wall time of the GPU's work
+            torch.cuda.synchronize()
+            return time.perf_counter()
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     shape = SMOKE if smoke else FULL
     d_model, ffn, experts = shape.d_model, shape.ffn, shape.experts
     sizes = tokens or list(shape.tokens)
     reps = repeats or shape.repeats
     results: list[Result] = []
     for k in top_ks:
-        layers = _layers(d_model, ffn, experts, k)
+        layers = _layers(d_model, ffn, experts, k, device, torch_dtype)
         for n_tokens in sizes:
             seq = 128 if n_tokens % 128 == 0 else n_tokens
             gen = torch.Generator().manual_seed(n_tokens)
-            x = torch.randn(n_tokens // seq, seq, d_model, generator=gen).requires_grad_(True)
-            target = torch.randn(n_tokens // seq, seq, d_model, generator=gen)
+            x = torch.randn(n_tokens // seq, seq, d_model, generator=gen).to(device, torch_dtype)
+            x.requires_grad_(True)
+            target = torch.randn(n_tokens // seq, seq, d_model, generator=gen).to(device, torch_dtype)
             steps = {name: _step_fn(layer.train(), x, target) for name, layer in layers.items()}
-            seconds = interleaved_medians(steps, repeats=reps, warmup=warmup, clock=CPU_CLOCK)
+            seconds = interleaved_medians(steps, repeats=reps, warmup=warmup, clock=clock)
             ms = {name: 1e3 * s for name, s in seconds.items()}
             with torch.no_grad():
                 _, _, counts = layers["dropless"](x)
@@ -178,18 +205,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     parser.add_argument("--repeats", type=int, help="timed repeats per measurement (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--out", type=Path, help="also copy the result files into this folder")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    results = run(args.smoke, args.tokens, tuple(args.top_k), args.repeats, threads=args.threads)
+    results = run(args.smoke, args.tokens, tuple(args.top_k), args.repeats, threads=args.threads,
+                  device=args.device, dtype=args.dtype)  # fmt: skip
     print(markdown_table(results))
     if not args.no_write and not args.smoke:
         meta: dict[str, Any] = {**asdict(FULL), "top_k": args.top_k, "threads": args.threads}
+        meta.update(device=args.device, dtype=args.dtype)
         meta["tokens"] = args.tokens or list(FULL.tokens)
         meta["repeats"] = args.repeats or FULL.repeats
         meta["stock"] = "capacity_factor 1.0, drop_tokens, use_rts, min_capacity 4"
-        meta["clock"] = "process CPU time, median of round-robin repeats"
-        print(f"wrote {write_results('moe-layer', results, meta)}")
+        meta["clock"] = (
+            "process CPU time" if args.device == "cpu" else "wall time, cuda synchronized"
+        ) + ", median of round-robin repeats"
+        written = write_results("moe-layer" if args.device == "cpu" else "gpu-moe-layer", results, meta)
+        print(f"wrote {written}")
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            for suffix in (".json", ".md"):
+                (args.out / written.with_suffix(suffix).name).write_bytes(
+                    written.with_suffix(suffix).read_bytes()
+                )
     return 0
 
 

@@ -4,8 +4,9 @@
     python -m bench.train_step --smoke    # tiny shape, two variants, seconds (CI)
 
 Each variant runs in a fresh pair of processes (torch.multiprocessing, gloo, one torch thread per
-rank, fp32, ZeRO-2, torch AdamW), built exactly as the worker builds it: `worker.model.build_model`,
-`optimizer_param_groups`, `moe_aux_loss` and `worker.train.deepspeed_config`. Batches are random
+rank, fp32, ZeRO-2, torch's fused AdamW, glibc keeping freed memory), built exactly as the worker
+builds it: `worker.malloc.keep_freed_memory`, `worker.model.build_model`, `build_optimizer`,
+`moe_aux_loss` and `orchestrator.spec.deepspeed.deepspeed_config`. Batches are random
 token ids (content does not change the cost; the router sees varied inputs). Per variant, the
 medians over the timed steps (the slower rank's) of: forward, backward and optimizer wall time,
 step wall time (the record's number; tokens/s over both ranks derive from it), the same split in CPU
@@ -17,11 +18,15 @@ Variants (ep_size is the expert-parallel size over the 2 ranks):
 - `stock-top1-ep2`, `stock-top2-ep2`: `deepspeed.moe.layer.MoE`, 4 experts per rank, all-to-all;
 - `stock-top1-ep1`: the stock layer with every expert on every rank, to separate the dispatch cost
   from the all-to-all;
-- `dropless-top1-ep1`, `dropless-top2-ep1`: `worker.moe_dropless.DroplessMoE` (ep_size 1 only: it
-  has no all-to-all, so each rank runs all 8 experts on its own tokens).
+- `dropless-top1-ep2`, `dropless-top2-ep2`: `worker.moe_dropless.DroplessMoE`, 4 experts per rank,
+  all_to_all of exactly the routed rows (nothing dropped);
+- `dropless-top1-ep1`, `dropless-top2-ep1`: the dropless layer with all 8 experts on each rank.
 # NOTE: ep 1 runs hold all experts on each rank (2x the expert parameters and optimizer work of
-# ep 2), which is what a dropless run costs with this layer; the stock ep 1 variant is the fair
-# comparison for the dispatch alone.
+# ep 2); the stock ep 1 variant is their comparison.
+Equal active FLOPs: a top-1 token passes through one expert, an FFN of the dense parent's width;
+top-2 doubles the FFN FLOPs. What an MoE step adds at equal FLOPs is the routing, the all_to_alls
+and the optimizer and ZeRO work over 5.4x the parameters per rank at ep 2 (8.4 M expert + 0.6 M
+other vs the dense 1.65 M: the note's "floor" is that extra, measured in the same process).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import logging
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,10 +79,12 @@ VARIANTS: dict[str, tuple[bool, str, int, int]] = {
     "stock-top1-ep2": (True, "deepspeed", 1, 2),
     "stock-top2-ep2": (True, "deepspeed", 2, 2),
     "stock-top1-ep1": (True, "deepspeed", 1, 1),
+    "dropless-top1-ep2": (True, "dropless", 1, 2),
+    "dropless-top2-ep2": (True, "dropless", 2, 2),
     "dropless-top1-ep1": (True, "dropless", 1, 1),
     "dropless-top2-ep1": (True, "dropless", 2, 1),
 }
-SMOKE_VARIANTS = ("dense", "stock-top1-ep2", "dropless-top1-ep1")
+SMOKE_VARIANTS = ("dense", "stock-top1-ep2", "dropless-top1-ep2")
 WORLD = 2
 
 
@@ -106,6 +114,9 @@ def _rank_main(rank: int, port: int, shape: Shape, variant: str, out_dir: str) -
 
     import torch
 
+    from worker.malloc import keep_freed_memory
+
+    keep_freed_memory()  # as the worker's CPU ranks do (worker/train.py)
     torch.set_num_threads(1)
     import deepspeed
     import deepspeed.comm.torch
@@ -117,12 +128,12 @@ def _rank_main(rank: int, port: int, shape: Shape, variant: str, out_dir: str) -
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
     from orchestrator.spec.deepspeed import deepspeed_config
-    from worker.model import build_model, moe_aux_loss, optimizer_param_groups
+    from worker.model import build_model, build_optimizer, moe_aux_loss
 
     cfg = run_config(shape, variant)
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg, shape.vocab)
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, 0.0), lr=cfg.training.learning_rate)
+    optimizer = build_optimizer(model, lr=cfg.training.learning_rate, weight_decay=0.0)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
     n_params = sum(p.numel() for p in engine.module.parameters())
 
@@ -155,7 +166,21 @@ def _rank_main(rank: int, port: int, shape: Shape, variant: str, out_dir: str) -
             values = (t1 - t0, t2 - t1, t3 - t2, t3 - t0, c1 - c0, c2 - c1, c3 - c2, c3 - c0)
             for name, value in zip(names, values, strict=True):
                 phases[name].append(value)
+    # The optimizer's own floor: fused AdamW over this rank's ZeRO partitions (every element it
+    # updates), outside DeepSpeed.
+    elements = sum(int(t.numel()) for t in engine.optimizer.single_partition_of_fp32_groups)
+    flat = torch.zeros(elements, requires_grad=True)
+    flat.grad = torch.randn(elements)
+    adamw = torch.optim.AdamW([flat], lr=1e-4, fused=True)
+    adamw_s = []
+    for _ in range(6):
+        c0 = time.process_time()
+        adamw.step()
+        adamw_s.append(time.process_time() - c0)
+    del flat, adamw
     mine = {
+        "optimizer_elements": elements,
+        "adamw_cpu_s": statistics.median(adamw_s[1:]),
         "medians_s": {name: statistics.median(values) for name, values in phases.items()},
         "min_step_s": min(phases["step"]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
@@ -196,20 +221,57 @@ def measure_variant(shape: Shape, variant: str) -> dict[str, Any]:
         "ranks": ranks,
         **{f"{name}_s": value for name, value in med.items()},
         "min_step_s": max(r["min_step_s"] for r in ranks),
+        "optimizer_elements": max(r["optimizer_elements"] for r in ranks),
+        "adamw_cpu_s": max(r["adamw_cpu_s"] for r in ranks),
         "tokens_per_s": tokens / med["step"],
         "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
         "process_wall_s": wall,
     }
 
 
-def run(smoke: bool = False, variants: list[str] | None = None) -> tuple[list[Result], list[dict[str, Any]]]:
+BEFORE_CODE = """
+import json, sys
+from bench import train_step as t
+rec = t.measure_variant(t.SMOKE if sys.argv[1] == "smoke" else t.FULL, sys.argv[2])
+print("RECORD " + json.dumps(rec))
+"""
+
+
+def measure_in_tree(tree: Path, smoke: bool, variant: str) -> dict[str, Any] | None:
+    """The same measurement with another source tree's code (`git archive <rev>`), in a fresh
+    process; None when that tree has no such variant (or failed: logged)."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    argv = [sys.executable, "-c", BEFORE_CODE, "smoke" if smoke else "full", variant]
+    proc = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RECORD ")]
+    if proc.returncode != 0 or not lines:
+        logger.warning(
+            "%s in %s: %s", variant, tree, proc.stderr.strip().splitlines()[-1:] or proc.returncode
+        )
+        return None
+    rec: dict[str, Any] = json.loads(lines[-1].removeprefix("RECORD "))
+    rec["variant"] = f"{variant} [before]"
+    return rec
+
+
+def run(
+    smoke: bool = False, variants: list[str] | None = None, before_tree: Path | None = None
+) -> tuple[list[Result], list[dict[str, Any]]]:
     """Measure the variants; returns one `Result` per MoE variant (ours = variant, baseline = dense
-    step time) plus the dense row, and the raw records."""
+    step time) plus the dense row, and the raw records. With `before_tree`, each variant is first
+    measured with that tree's code (rows `<variant> [before]`, against that tree's dense step), so
+    a slow phase of the machine hits both alike."""
     shape = SMOKE if smoke else FULL
     names = variants or list(SMOKE_VARIANTS if smoke else VARIANTS)
     if "dense" not in names:
         names = ["dense", *names]
-    records = [measure_variant(shape, name) for name in names]
+    records = []
+    for name in names:
+        if before_tree is not None:
+            before = measure_in_tree(before_tree, smoke, name)
+            if before is not None:
+                records.append(before)
+        records.append(measure_variant(shape, name))
     return results_from_records(records), records
 
 
@@ -220,13 +282,26 @@ def results_from_records(records: list[dict[str, Any]]) -> list[Result]:
     # jobs the wall time of the same variant varied up to 2x between two runs, its CPU time by <= 15%.
     # Wall time (and tokens/s from it) stays in the note and in the JSON records.
     """
-    dense = next(rec for rec in records if rec["variant"] == "dense")
     results: list[Result] = []
     for rec in records:
+        dense = next(
+            r
+            for r in records
+            if r["variant"] == ("dense [before]" if "[before]" in rec["variant"] else "dense")
+        )
         ms = {key: 1e3 * value for key, value in rec.items() if key.endswith("_s")}
+        floor = ""
+        if "adamw_cpu_s" in rec and "adamw_cpu_s" in dense and rec is not dense:
+            # the dense step plus what the extra parameters cost fused AdamW alone
+            extra = rec["adamw_cpu_s"] - dense["adamw_cpu_s"]
+            floor = (
+                f"floor {1e3 * (dense['step_cpu_s'] + extra):.0f} (dense + AdamW over "
+                f"{rec['optimizer_elements'] / 1e6:.1f} M vs {dense['optimizer_elements'] / 1e6:.1f} M "
+                f"elements/rank: +{1e3 * extra:.1f}); "
+            )
         note = (
             f"cpu fwd/bwd/opt {ms['forward_cpu_s']:.0f}/{ms['backward_cpu_s']:.0f}/"
-            f"{ms['optimizer_cpu_s']:.0f}; "
+            f"{ms['optimizer_cpu_s']:.0f}; {floor}"
             f"wall step {ms['step_s']:.0f} (min {ms['min_step_s']:.0f}) = {ms['forward_s']:.0f}/"
             f"{ms['backward_s']:.0f}/{ms['optimizer_s']:.0f}, {rec['tokens_per_s']:.0f} tok/s; "
             f"peak rss {rec['peak_rss_mb']:.0f} MB/rank"
@@ -245,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results")
     parser.add_argument("--from-json", type=Path, help="re-tabulate a results JSON written by this script")
+    parser.add_argument(
+        "--before-tree",
+        type=Path,
+        help="also measure each variant with another source tree (rows `[before]`)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.from_json:
@@ -252,10 +332,14 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(results_from_records(doc["meta"]["records"])))
         return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    results, records = run(args.smoke, args.variants)
+    results, records = run(
+        args.smoke, args.variants, args.before_tree.resolve() if args.before_tree else None
+    )
     print(markdown_table(results))
     if not args.no_write and not args.smoke:
         meta = {**asdict(FULL), "world": WORLD, "precision": "fp32", "zero_stage": 2, "threads_per_rank": 1}
+        if args.before_tree:
+            meta["before_tree"] = str(args.before_tree)
         meta["records"] = records
         print(f"wrote {write_results('train-step', results, meta)}")
     return 0

@@ -1,10 +1,14 @@
-"""The dropless MoE layer equals DeepSpeed's MoE whenever DeepSpeed drops nothing, and drops nothing
-where DeepSpeed does. DeepSpeed runs here in one process: a world-size-1 gloo group."""
+"""The dropless MoE layer equals DeepSpeed's MoE whenever DeepSpeed drops nothing, drops nothing
+where DeepSpeed does, and equals a plain loop over the experts, on one rank and with its experts
+split over 2 ranks (expert parallelism). DeepSpeed runs here in one process (a world-size-1 gloo
+group), the expert-parallel test in 2 spawned processes."""
 
 from __future__ import annotations
 
+import copy
+import json
 import os
-import re
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import free_port
+from helpers import REPO, free_port
 from torch import nn
 
 from worker.moe_dropless import DroplessMoE
@@ -202,7 +206,7 @@ def test_top2_with_identical_experts_preserves_the_dense_function() -> None:
         torch.testing.assert_close(layer(x)[0], dense(x), atol=ATOL, rtol=ATOL)
 
 
-def test_parameter_names_are_deepspeeds_and_experts_are_not_marked_as_moe_params() -> None:
+def test_parameter_names_are_deepspeeds_and_experts_are_marked_as_moe_params() -> None:
     layer = DroplessMoE(D, _expert(), num_experts=2, k=1)
     names = [n for n, _ in layer.named_parameters()]
     assert names == [
@@ -214,13 +218,133 @@ def test_parameter_names_are_deepspeeds_and_experts_are_not_marked_as_moe_params
             for w in ("weight", "bias")
         ],
     ]
-    # ep_size 1: experts are reduced over the whole world, like dense parameters (module docstring)
-    assert not any(hasattr(p, "allreduce") for p in layer.parameters())
+    # DeepSpeed's engine reduces them over the expert-data-parallel group and saves one file per
+    # expert, as for its own layer; the gate is an ordinary parameter.
+    from deepspeed.moe.layer import MoE
+    from deepspeed.moe.utils import is_moe_param
+
+    assert isinstance(layer, MoE)
+    experts = [p for n, p in layer.named_parameters() if ".experts." in n]
+    assert all(is_moe_param(p) and p.group_name == "ep_size_1" for p in experts)
+    assert not is_moe_param(_gate_weight(layer))
 
 
-def test_expert_parallelism_is_refused_with_the_fix_in_the_message() -> None:
-    with pytest.raises(ValueError, match=re.escape("ep_size: 1 or moe.implementation: deepspeed")):
-        DroplessMoE(D, _expert(), num_experts=4, ep_size=2)
+def _reference(
+    gate: nn.Module, experts: list[nn.Module], x: torch.Tensor, used: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's maths written plainly: `gate` routes the real tokens, then a loop over experts
+    adds each token's weighted expert outputs. -> (out (..., d), l_aux, counts (E,))"""
+    flat = x.reshape(-1, x.shape[-1])  # (S, d)
+    rows = torch.arange(flat.shape[0]) if used is None else used.reshape(-1).nonzero().squeeze(1)
+    real = flat[rows]  # (n, d)
+    weights, indices, l_aux, counts = gate(real)  # (n, k), (n, k), (), (E,)
+    out = torch.zeros_like(flat)
+    for e, expert in enumerate(experts):
+        for slot in range(indices.shape[1]):
+            chosen = (indices[:, slot] == e).nonzero().squeeze(1)  # (m,) real tokens sending slot to e
+            if chosen.numel():
+                out = out.index_add(0, rows[chosen], weights[chosen, slot : slot + 1] * expert(real[chosen]))
+    return out.reshape(x.shape), l_aux, counts
+
+
+@pytest.mark.parametrize(("k", "sampling"), [(1, False), (2, False), (2, True)])
+def test_dropless_equals_a_reference_loop_over_experts(k: int, sampling: bool) -> None:
+    torch.manual_seed(0)
+    layer = DroplessMoE(D, _expert(), num_experts=E, k=k, top2_2nd_expert_sampling=sampling)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    gate = copy.deepcopy(layer.deepspeed_moe.gate)
+    experts = [copy.deepcopy(m) for m in layer.deepspeed_moe.experts.deepspeed_experts]
+    x = torch.randn(3, 20, D)
+    used = torch.ones(3, 20, dtype=torch.int64)
+    used[1, 15:] = 0  # padding: routed by neither
+    target = torch.randn(3, 20, D)
+    results = []
+    for run in ("layer", "reference"):
+        xx = x.clone().requires_grad_(True)
+        torch.manual_seed(3)  # the same Gumbel draws for the second choice
+        out, l_aux, counts = layer(xx, used) if run == "layer" else _reference(gate, experts, xx, used)
+        ((out * target).sum() + l_aux).backward()
+        params = [*gate.parameters(), *[p for e in experts for p in e.parameters()]]
+        grads = [p.grad for p in (layer.parameters() if run == "layer" else params)]
+        results.append((out.detach(), l_aux.detach(), counts, xx.grad, grads))
+    got, want = results
+    for a, b in zip(got[:2], want[:2], strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=ATOL)
+    assert torch.equal(got[2], want[2]) and int(got[2].sum()) == (60 - 5) * k
+    torch.testing.assert_close(got[3], want[3], atol=ATOL, rtol=ATOL)
+    for a, b in zip(got[4], want[4], strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=ATOL)
+
+
+def _expert_parallel_rank(rank: int, port: int) -> None:
+    """One of 2 ranks: a dropless layer with ep_size 2 (experts 0-1 on rank 0, 2-3 on rank 1)
+    against the reference loop over all 4 experts, on this rank's own tokens."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")  # fmt: skip
+    torch.set_num_threads(1)
+    import deepspeed
+    import deepspeed.comm.torch
+    import torch.distributed as dist
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
+    deepspeed.init_distributed(dist_backend="gloo")
+    # (k, sampling, this rank's tokens): 1 token on rank 0 leaves most of its splits empty
+    cases = [(1, False, (2, 7) if rank == 0 else (3, 5)), (2, True, (1, 1) if rank == 0 else (2, 9))]
+    for k, sampling, shape in cases:
+        torch.manual_seed(0)  # the same full layer on both ranks
+        full = DroplessMoE(D, _expert(), num_experts=E, k=k, top2_2nd_expert_sampling=sampling)
+        with torch.no_grad():
+            for p in full.parameters():
+                p.copy_(torch.randn_like(p) * 0.5)
+        layer = DroplessMoE(D, _expert(), num_experts=E, ep_size=2, k=k, top2_2nd_expert_sampling=sampling)
+        layer.set_deepspeed_parallelism()
+        local = layer.deepspeed_moe.experts.deepspeed_experts
+        all_experts = full.deepspeed_moe.experts.deepspeed_experts
+        layer.deepspeed_moe.gate.load_state_dict(full.deepspeed_moe.gate.state_dict())
+        for i, expert in enumerate(local):
+            expert.load_state_dict(all_experts[rank * len(local) + i].state_dict())
+        gen = torch.Generator().manual_seed(10 + rank)
+        x = torch.randn(*shape, D, generator=gen)
+        target = torch.randn(*shape, D, generator=gen)
+        used = torch.ones(shape, dtype=torch.int64)
+        if rank == 1:
+            used[0, -2:] = 0  # padding on one rank only
+        results = []
+        for run in ("ep", "reference"):
+            xx = x.clone().requires_grad_(True)
+            torch.manual_seed(5 + rank)
+            if run == "ep":
+                out, l_aux, counts = layer(xx, used)
+            else:
+                out, l_aux, counts = _reference(full.deepspeed_moe.gate, list(all_experts), xx, used)
+            ((out * target).sum() + l_aux).backward()
+            results.append((out.detach(), l_aux.detach(), counts, xx.grad))
+        for a, b in zip(results[0], results[1], strict=True):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(
+            layer.deepspeed_moe.gate.wg.weight.grad,
+            full.deepspeed_moe.gate.wg.weight.grad,
+            atol=ATOL,
+            rtol=ATOL,
+        )
+        # An expert's gradient gathers every rank's tokens: the reference's, summed over the ranks.
+        for ref in all_experts.parameters():
+            if ref.grad is None:  # the reference ran no token of this rank through it
+                ref.grad = torch.zeros_like(ref)
+            dist.all_reduce(ref.grad)
+        for i, expert in enumerate(local):
+            want = all_experts[rank * len(local) + i]
+            for p, ref in zip(expert.parameters(), want.parameters(), strict=True):
+                torch.testing.assert_close(p.grad, ref.grad, atol=ATOL, rtol=ATOL)
+    dist.barrier()
+
+
+def test_expert_parallel_dropless_on_two_ranks_equals_the_reference_loop() -> None:
+    from torch.multiprocessing.spawn import start_processes
+
+    start_processes(_expert_parallel_rank, args=(free_port(),), nprocs=2, start_method="spawn")  # type: ignore[no-untyped-call]
 
 
 def test_moe_layer_benchmark_smoke_returns_a_timed_record_per_token_count(ds_world: None) -> None:
@@ -260,3 +384,44 @@ def test_worker_builds_the_dropless_layer_and_top2_upcycling_keeps_the_dense_los
         moe_loss = moe(input_ids=ids, labels=ids).loss
     torch.testing.assert_close(moe_loss, dense_loss, atol=ATOL, rtol=ATOL)
     assert [int(c.sum()) for c in expert_token_counts(moe)] == [2 * 12 * 2] * 2
+
+
+def _launch_tiny(run_dir: Path, *sets: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`torchrun --nproc_per_node 2 -m worker` on configs/tiny-cpu.yaml (ep_size 2), dropless."""
+    args = ["--config", str(REPO / "configs" / "tiny-cpu.yaml"), "--run-dir", str(run_dir)]
+    for item in ("moe.implementation=dropless", *sets):
+        args += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("MOE_ORCH_FAULT", None)
+    if fault:
+        env["MOE_ORCH_FAULT"] = fault
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(free_port()), "-m", "worker", *args]  # fmt: skip
+    return subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_expert_parallel_dropless_trains_saves_one_file_per_expert_resumes_bitwise_and_exports(
+    tmp_path: Path,
+) -> None:
+    from orchestrator.rundir.reports import read_metrics
+
+    sets = ("training.max_steps=4", "training.save_steps=2", "training.logging_steps=1")
+    straight = _launch_tiny(tmp_path / "a", *sets, "training.export_on_finish=true")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    crashed = _launch_tiny(tmp_path / "b", *sets, fault="crash_at_step:3")
+    assert crashed.returncode != 0
+    resumed = _launch_tiny(tmp_path / "b", *sets)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def losses(run_dir: Path) -> dict[int, float]:
+        return {int(r["step"]): r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")  # the resume from step 2 is exact
+    final = tmp_path / "a" / "checkpoints" / "step-000004"
+    experts = sorted(p.name for p in final.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))
+    assert experts == [
+        f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(2) for e in range(4)
+    ]
+    config = json.loads((tmp_path / "a" / "export" / "config.json").read_text())
+    assert config["num_experts"] == 4

@@ -163,13 +163,6 @@ RULES: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
         "do not divide d_model",
     ),
     (
-        "dropless has no expert parallelism",
-        "moe.implementation",
-        {"moe.implementation": "dropless", "moe.ep_size": 1},
-        {"moe.implementation": "dropless", "moe.ep_size": 2},
-        "use ep_size: 1",
-    ),
-    (
         "MoE layer indices exist",
         "moe.layers",
         {"moe.layers": [0, 1]},

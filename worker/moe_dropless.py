@@ -1,33 +1,40 @@
 """The sort-based dropless MoE layer (`moe.implementation: dropless`).
 
-A drop-in for `deepspeed.moe.layer.MoE` at `ep_size` 1: the same constructor arguments, the same
+A `deepspeed.moe.layer.MoE` (subclass) with the same constructor arguments, the same
 `forward(hidden) -> (output, l_aux, exp_counts)` contract, the same parameter names and the same
 gating maths as DeepSpeed's `TopKGate` for k = 1 and k = 2. What differs is the dispatch:
 
     DeepSpeed: route -> capacity C per expert (tokens over C are dropped) -> (E, C, d) buffer
+               -> all_to_all of the whole buffer, empty slots included
     here:      route -> sort the S*k (token, expert) assignments by expert -> gather the token rows
-               -> each expert runs on its contiguous slice -> scatter-add the weighted rows back
+               -> [ep_size > 1: all_to_all of the counts, then of exactly the rows each EP rank's
+                  experts receive] -> each local expert runs on its contiguous slice
+               -> [all_to_all back] -> scatter-add the weighted rows into place
 
-so no token is ever dropped and no capacity padding is computed (MegaBlocks-style dropless MoE).
+so no token is ever dropped and no capacity padding is computed or sent (MegaBlocks-style).
 
-Parameter names match DeepSpeed's, so checkpoints, `routing_top1` and the HF export map the same:
+Being an `MoE` to DeepSpeed's engine, the layer gets what the stock layer gets: its expert
+parameters (DeepSpeed's `Experts`: `allreduce=False`, `group_name` `ep_size_<E>`) are reduced over
+the expert-data-parallel group only, the engine creates the EP groups (`set_deepspeed_parallelism`)
+and saves one `layer_{L}_expert_{E}` file per global expert, so checkpoints, resharding and the
+export read it like the stock layer. Parameter names match DeepSpeed's:
     deepspeed_moe.gate.wg.weight                                   (E, d)
-    deepspeed_moe.experts.deepspeed_experts.{i}.<expert params>
+    deepspeed_moe.experts.deepspeed_experts.{i}.<expert params>    i: local id, global = EP rank x E/ep + i
 
-# NOTE: expert parameters are NOT marked `allreduce=False` / `group_name` as DeepSpeed's `Experts`
-# does. With ep_size 1 every rank holds every expert, so the expert-data-parallel group is the
-# whole world and the experts must be all-reduced exactly like dense parameters. DeepSpeed's engine
-# only looks for `deepspeed.moe.layer.MoE` instances, so marked parameters without such a layer
-# would go unreduced; unmarked ones land in the ordinary ZeRO groups, which is correct.
+# NOTE: checkpoints of this layer written before it had expert parallelism (issue 14) kept the
+# experts in the module states; they do not load into it (the expert files are missing).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from deepspeed.moe.experts import Experts
+from deepspeed.moe.layer import MoE
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -79,6 +86,7 @@ class DroplessGate(nn.Module):
         self.num_experts = num_experts
         self.noisy_gate_policy = None if noisy_gate_policy == "None" else noisy_gate_policy
         self.top2_2nd_expert_sampling = top2_2nd_expert_sampling
+        self.first_choice: torch.Tensor | None = None  # (S,) argmax of the last forward's logits
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: (S, d). Routing is computed in fp32 whatever the model dtype, as DeepSpeed does.
@@ -89,19 +97,21 @@ class DroplessGate(nn.Module):
         gates = F.softmax(logits, dim=1)  # (S, E)
         num_tokens, num_experts = gates.shape
         me = gates.mean(dim=0)  # (E,)
+        first = torch.argmax(gates, dim=1)  # (S,) the router's first choice (routing statistics)
+        self.first_choice = first
 
         if self.k == 1:
             if self.noisy_gate_policy == "RSample" and self.training:
                 idx1 = torch.argmax(logits + _gumbel(logits.shape, logits.device), dim=1)  # (S,)
             else:
-                idx1 = torch.argmax(gates, dim=1)  # (S,)
+                idx1 = first
             counts1 = torch.bincount(idx1, minlength=num_experts)  # (E,)
             ce = counts1.float() / num_tokens
             l_aux = torch.sum(me * ce) * num_experts
             weights = gates.gather(1, idx1.unsqueeze(1))  # (S, 1)
             return weights, idx1.unsqueeze(1), l_aux, counts1
 
-        idx1 = torch.argmax(gates, dim=1)  # (S,)
+        idx1 = first
         if self.top2_2nd_expert_sampling:
             logits = logits + _gumbel(logits.shape, logits.device)
         idx2 = torch.argmax(logits.scatter(1, idx1.unsqueeze(1), float("-inf")), dim=1)  # (S,)
@@ -117,13 +127,9 @@ class DroplessGate(nn.Module):
         return weights, torch.stack([idx1, idx2], dim=1), l_aux, counts1 + counts2
 
 
-class DroplessExperts(nn.Module):
-    """`num_experts` deep copies of `expert`, named like DeepSpeed's `Experts` (`deepspeed_experts.{i}`)."""
-
-    def __init__(self, expert: nn.Module, num_experts: int) -> None:
-        super().__init__()
-        self.deepspeed_experts = nn.ModuleList([copy.deepcopy(expert) for _ in range(num_experts)])
-        self.num_local_experts = num_experts
+class DroplessExperts(Experts):  # type: ignore[misc]  # deepspeed is untyped
+    """DeepSpeed's `Experts` (this rank's `num_local_experts` deep copies of `expert`, named
+    `deepspeed_experts.{i}`, parameters marked for the expert group) run on sorted slices."""
 
     def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         # x_sorted: (A, d) rows grouped by expert, counts[e] rows for expert e -> (A, d)
@@ -142,16 +148,59 @@ class DroplessExperts(nn.Module):
         return torch.cat(outputs, dim=0)
 
 
+class _AllToAllV(torch.autograd.Function):
+    """all_to_all_single with per-rank split sizes; its backward sends the gradients back the same
+    way (the splits swapped). forward(x (sum(in_splits), d), out_splits, in_splits, group)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any
+    ) -> torch.Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        out_splits, in_splits = ctx.splits
+        back = grad.new_empty((sum(in_splits), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None
+
+
+def _all_to_all_v(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
+    out: torch.Tensor = _AllToAllV.apply(x, out_splits, in_splits, group)  # type: ignore[no-untyped-call]
+    return out
+
+
+def _expert_major(counts: torch.Tensor) -> torch.Tensor:
+    """Rows laid out by (source rank, local expert) blocks -> the row order by (local expert, source
+    rank). counts: (ep, n_local) rows per block; returns (rows,) int64 source positions."""
+    flat = counts.reshape(-1)  # (ep * n_local,) blocks in (rank, expert) order
+    starts = (flat.cumsum(0) - flat).view_as(counts)  # where each block starts in the received rows
+    sizes_t = counts.t().reshape(-1)  # blocks in (expert, rank) order
+    out_starts = sizes_t.cumsum(0) - sizes_t  # where each block starts in expert-major order
+    shift = torch.repeat_interleave(starts.t().reshape(-1) - out_starts, sizes_t)  # (rows,)
+    return torch.arange(shift.numel(), device=counts.device) + shift
+
+
 class DroplessMoELayer(nn.Module):
     """Gate + experts + sort-based dispatch; the counterpart of DeepSpeed's `MOELayer`."""
 
-    def __init__(self, gate: DroplessGate, experts: DroplessExperts) -> None:
+    def __init__(self, gate: DroplessGate, experts: DroplessExperts, ep_size: int = 1) -> None:
         super().__init__()
         self.gate = gate
         self.experts = experts
         self.num_experts = gate.num_experts
+        self.ep_size = ep_size
+        self.num_local_experts = gate.num_experts // ep_size
+        self.ep_group: Any = None  # set by `MoE.set_deepspeed_parallelism` (the engine calls it)
         self.l_aux: torch.Tensor | None = None
         self.exp_counts: torch.Tensor | None = None
+
+    def _set_ep_group(self, ep_group: Any) -> None:
+        self.ep_group = ep_group
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: (..., d) -> (..., d)
@@ -164,10 +213,12 @@ class DroplessMoELayer(nn.Module):
         flat_expert = indices.reshape(-1)  # (S*k,) assignment a = token * k + slot
         order = torch.argsort(flat_expert, stable=True)  # (S*k,) assignments grouped by expert
         token_of = order // top_k  # (S*k,) source token of each sorted assignment
-        counts = exp_counts.tolist()  # per-expert slice lengths (sum = S*k)
 
-        x_sorted = x.index_select(0, token_of)  # (S*k, d)
-        y_sorted = self.experts(x_sorted, counts)  # (S*k, d)
+        x_sorted = x.index_select(0, token_of)  # (S*k, d) grouped by global expert
+        if self.ep_size == 1:
+            y_sorted = self.experts(x_sorted, exp_counts.tolist())  # (S*k, d)
+        else:
+            y_sorted = self._expert_parallel(x_sorted, exp_counts)  # (S*k, d)
         w_sorted = weights.reshape(-1).index_select(0, order)  # (S*k,) fp32
         # NOTE: weight and sum in fp32 (the gate's dtype) and cast back, as DeepSpeed's decode does.
         y_weighted = y_sorted * w_sorted.unsqueeze(1)  # (S*k, d) promoted dtype
@@ -176,9 +227,31 @@ class DroplessMoELayer(nn.Module):
         )  # (S, d)
         return out.to(y_sorted.dtype).reshape(hidden.shape)
 
+    def _expert_parallel(self, x_sorted: torch.Tensor, exp_counts: torch.Tensor) -> torch.Tensor:
+        """Send each row to the EP rank holding its expert, run the local experts, send the results
+        back. x_sorted: (A, d) grouped by global expert, exp_counts[e] rows for expert e -> (A, d)."""
+        ep, n_local = self.ep_size, self.num_local_experts
+        counts = exp_counts.to(torch.int64)  # (E,) = (ep, n_local): what this rank sends to each
+        received = torch.empty_like(counts)  # (ep * n_local,): what each source sends my experts
+        dist.all_to_all_single(received, counts, group=self.ep_group)
+        received = received.view(ep, n_local)  # [source rank, local expert]
+        send_splits = counts.view(ep, n_local).sum(1).tolist()  # rows to each EP rank
+        recv_splits = received.sum(1).tolist()  # rows from each EP rank
+        x_recv = _all_to_all_v(x_sorted, recv_splits, send_splits, self.ep_group)  # (R, d)
+        if n_local == 1:
+            y_recv = self.experts(x_recv, [sum(recv_splits)])  # (R, d)
+        else:
+            # NOTE: the rows come by (source rank, local expert); the experts want them by expert.
+            perm = _expert_major(received)  # (R,)
+            y_local = self.experts(x_recv.index_select(0, perm), received.sum(0).tolist())  # (R, d)
+            inverse = torch.empty_like(perm)
+            inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+            y_recv = y_local.index_select(0, inverse)  # (R, d) back in received order
+        return _all_to_all_v(y_recv, send_splits, recv_splits, self.ep_group)  # (A, d)
 
-class DroplessMoE(nn.Module):
-    """Sort-based dropless MoE with the call contract of `deepspeed.moe.layer.MoE`.
+
+class DroplessMoE(MoE):  # type: ignore[misc]  # deepspeed is untyped
+    """Sort-based dropless MoE: a `deepspeed.moe.layer.MoE` with its own dispatch.
 
     forward(hidden (..., d)) -> (output (..., d), l_aux (), exp_counts (E,) int64)
 
@@ -189,7 +262,9 @@ class DroplessMoE(nn.Module):
       DeepSpeed drops nothing (e.g. capacity_factor >= num_experts);
     - any number of tokens works (DeepSpeed asserts tokens >= min_capacity, so 1-token generation
       fails there);
-    - `ep_size` must be 1 and `use_residual`, `use_tutel` are not supported.
+    - with `ep_size` > 1 the all_to_alls carry exactly the routed rows (per-expert counts first),
+      not a capacity-sized buffer; each EP rank holds experts rank x E/ep .. (rank + 1) x E/ep - 1;
+    - `use_residual`, `use_tutel` and expert tensor parallelism are not supported.
     `used_token` (S,) marks the real tokens: only they are routed (padding gets output 0 and counts
     in neither `exp_counts` nor `l_aux`), exactly as if the batch held only them.
     """
@@ -212,30 +287,35 @@ class DroplessMoE(nn.Module):
         enable_expert_tensor_parallelism: bool = False,
         top2_2nd_expert_sampling: bool = True,
     ) -> None:
-        super().__init__()
-        if ep_size != 1:
-            raise ValueError(
-                f"the dropless MoE layer has no expert parallelism (got ep_size {ep_size}); "
-                "use moe.ep_size: 1 or moe.implementation: deepspeed"
-            )
+        # NOTE: not MoE.__init__: it builds DeepSpeed's TopKGate, whose nn.Linear draws from the RNG
+        # and would shift the seeded initialisation of our gate. The attributes DeepSpeed's engine
+        # reads (checkpoints, groups) are set here as MoE.__init__ sets them.
+        nn.Module.__init__(self)
+        if num_experts % ep_size != 0:
+            raise ValueError(f"num_experts {num_experts} is not divisible by ep_size {ep_size}")
         if use_residual or use_tutel or enable_expert_tensor_parallelism:
             raise ValueError(
                 "the dropless MoE layer supports neither use_residual, use_tutel nor expert tensor "
                 "parallelism; use moe.implementation: deepspeed"
             )
         del capacity_factor, eval_capacity_factor, min_capacity, drop_tokens, use_rts  # no capacity
+        self.use_residual = False
+        self.enable_expert_tensor_parallelism = False
         self.hidden_size = hidden_size
+        self.ep_size = ep_size
+        self.expert_group_name = f"ep_size_{ep_size}"
         self.num_experts = num_experts
-        self.num_local_experts = num_experts
-        self.ep_size = 1
+        self.num_local_experts = num_experts // ep_size
         self.k = k
         self.deepspeed_moe = DroplessMoELayer(
             DroplessGate(hidden_size, num_experts, k, noisy_gate_policy, top2_2nd_expert_sampling),
-            DroplessExperts(expert, num_experts),
+            DroplessExperts(expert, self.num_local_experts, self.expert_group_name),
+            ep_size,
         )
 
-    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        """No process groups to create (ep_size 1); kept so callers can treat both layers alike."""
+    # set_deepspeed_parallelism (MoE's): creates the `ep_size_<E>` groups, hands the EP group to
+    # deepspeed_moe._set_ep_group. DeepSpeed's engine calls it; a layer used without the engine at
+    # ep_size 1 needs no group.
 
     def forward(
         self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None
@@ -249,5 +329,10 @@ class DroplessMoE(nn.Module):
             rows = used_token.reshape(-1).bool().nonzero().squeeze(1)  # (n,)
             routed = self.deepspeed_moe(flat.index_select(0, rows))  # (n, d)
             output = routed.new_zeros(flat.shape).index_copy(0, rows, routed).reshape(hidden_states.shape)
+            gate = self.deepspeed_moe.gate
+            if gate.first_choice is not None:  # (n,) -> (S,), padding -1
+                gate.first_choice = gate.first_choice.new_full((flat.shape[0],), -1).index_copy_(
+                    0, rows, gate.first_choice
+                )
         assert self.deepspeed_moe.l_aux is not None and self.deepspeed_moe.exp_counts is not None
         return output, self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts

@@ -40,8 +40,12 @@ class MaskedTopKGate(TopKGate):  # type: ignore[misc]  # deepspeed is untyped
 
     forward(input (S, d), used_token (S,) | None, sparse_routes, use_tutel) -> DeepSpeed's sparse
     routes: (l_aux (), capacity, E, indices (k, S) int32, locations (k, S) int32, gates (k, S),
-    exp_counts (E,)). Without a mask it is DeepSpeed's gate unchanged.
+    exp_counts (E,)). Without a mask it is DeepSpeed's gate unchanged. With one it also records
+    `first_choice` (S,): the argmax of its logits per real token, -1 for padding (the routing
+    statistics read it instead of computing the logits a second time).
     """
+
+    first_choice: torch.Tensor | None = None
 
     @classmethod
     def replacing(cls, gate: TopKGate) -> MaskedTopKGate:
@@ -75,6 +79,10 @@ class MaskedTopKGate(TopKGate):  # type: ignore[misc]  # deepspeed is untyped
         if self.noisy_gate_policy == "Jitter" and self.training:
             x = multiplicative_jitter(x, device=x.device)
         logits = nn.functional.linear(x, weight=self.wg.weight.float())  # (n, E)
+        num_tokens = input.shape[0]
+        # the first choice per token for the routing statistics (worker.model.MoeFFN.top1)
+        first = logits.argmax(dim=1)  # (n,)
+        self.first_choice = first.new_full((num_tokens,), -1).index_copy_(0, rows, first)  # (S,)
         capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if self.k == 1:
             noisy = self.noisy_gate_policy if self.training else None
@@ -87,7 +95,6 @@ class MaskedTopKGate(TopKGate):  # type: ignore[misc]  # deepspeed is untyped
         capacity = torch.as_tensor(capacity, dtype=torch.int64, device=logits.device).reshape(())
         if self.ep_group is not None and dist.get_world_size(group=self.ep_group) > 1:
             dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.ep_group)
-        num_tokens = input.shape[0]
         k = indices.shape[0]
         full_indices = indices.new_full((k, num_tokens), -1)  # (k, S): padding is never routed
         full_indices[:, rows] = indices

@@ -54,9 +54,9 @@ def setup_trainer(
     )
     from worker.model import (
         build_model,
+        build_optimizer,
         label_expert_table,
         moe_layers,
-        optimizer_param_groups,
         set_label_routing,
     )
     from worker.tokenizer import load_or_train_tokenizer_on_ranks
@@ -81,7 +81,7 @@ def setup_trainer(
         assignment = cfg.moe.label_routing.assignment(labels, cfg.moe.num_experts)
         set_label_routing(model, label_expert_table(assignment, labels, cfg.moe.num_experts))
         logger.info("label routing (weight %g): %s", cfg.moe.label_routing.weight, assignment)
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.learning_rate)
+    optimizer = build_optimizer(model, lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: lr_multiplier(s, warmup=t.warmup_steps, total=n_steps, schedule=t.lr_schedule),

@@ -29,6 +29,7 @@ from worker.elastic import plan_resume
 from worker.hang import handle_stall, report_stragglers
 from worker.heartbeat import Pulse, Watchdog
 from worker.loop import Trainer, peak_rss_mb
+from worker.malloc import keep_freed_memory
 from worker.metrics import Reporter
 from worker.setup import fit_world, resume_from_checkpoint, setup_trainer
 from worker.signals import Faults, SignalState, running_job
@@ -61,6 +62,8 @@ def run(cfg: RunConfig, run_dir: str | Path, *, info: DistInfo | None = None) ->
     )  # fmt: skip
     watchdog.start()
     use_gpu = cfg.cluster.gpus_per_node > 0
+    if not use_gpu:
+        keep_freed_memory()  # CPU ranks reuse each step's large temporaries (worker/malloc.py)
     # NOTE: NCCL collectives time out as the job script says (orchestrator/spec/launch.py).
     timeout_s = collective_timeout_from_env(os.environ, cfg) if use_gpu else None
     init_distributed(

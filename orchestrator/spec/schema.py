@@ -419,7 +419,8 @@ class MoeConfig(_Section):
 
     implementation: Literal["deepspeed", "dropless"] = "deepspeed"
     """`deepspeed`: the stock `deepspeed.moe.layer.MoE`. `dropless`: the worker's sort-based
-    dispatch (no capacity, no token dropped; `ep_size` 1 only)."""
+    dispatch (no capacity, no token dropped; with `ep_size` > 1 the all_to_alls carry only the
+    routed rows)."""
 
     label_routing: LabelRoutingConfig = Field(default_factory=LabelRoutingConfig)
     """Label-guided routing: an auxiliary router loss pulling each `expert_label`'s tokens toward
@@ -721,12 +722,6 @@ class RunConfig(_Section):
                 raise _fail(
                     "training.zero_stage",
                     "DeepSpeed refuses native MoE with ZeRO stage 3; use zero_stage: 2",
-                )
-            if m.implementation == "dropless" and m.ep_size != 1:
-                raise _fail(
-                    "moe.implementation",
-                    "the dropless layer has no expert parallelism; use ep_size: 1 or "
-                    "implementation: deepspeed",
                 )
         if d.max_target_length >= d.max_seq_length:
             raise _fail(
