@@ -540,6 +540,10 @@ EpOption = Annotated[
     int | None,
     typer.Option("--ep-size", min=1, help="Expert-parallel size (default: the run's).", show_default=False),
 ]
+CheckpointOption = Annotated[
+    str | None,
+    typer.Option("--checkpoint", help="Checkpoint tag, e.g. step-000120 (default: newest valid one)."),
+]
 
 
 @app.command()
@@ -588,10 +592,7 @@ def export(
     out_dir: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for the Hugging Face model.", show_default=False)
     ],
-    checkpoint: Annotated[
-        str | None,
-        typer.Option("--checkpoint", help="Checkpoint tag, e.g. step-000120 (default: newest valid one)."),
-    ] = None,
+    checkpoint: CheckpointOption = None,
     home: HomeOption = None,
 ) -> None:
     """Write a Hugging Face folder (weights, config, modeling code, tokenizer) from a checkpoint."""
@@ -621,10 +622,7 @@ def reshard(
             "--ep-size", min=1, help="Expert-parallel size (default: the checkpoint's).", show_default=False
         ),
     ] = None,
-    checkpoint: Annotated[
-        str | None,
-        typer.Option("--checkpoint", help="Checkpoint tag, e.g. step-000120 (default: newest valid one)."),
-    ] = None,
+    checkpoint: CheckpointOption = None,
     home: HomeOption = None,
 ) -> None:
     """Write a checkpoint's copy for another topology (<tag>-w<W>e<E>; offline, no GPUs needed)."""
