@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -236,3 +237,31 @@ def write_start(run_dir: Path, job: str, restart: int = 0, step: int = 0) -> Non
         run_dir, event="start", job_id=job, restart=restart, attempt_key=f"{job}.{restart}",
         nodes=["n1", "n2"], world_size=2, resumed_from=None, resumed_step=step, steps_redone=0,
     )  # fmt: skip
+
+
+class WebhookServer:
+    """A local webhook (http://127.0.0.1:<port>/hook): every JSON body POSTed to it, in arrival
+    order, answered with `status`. `shutdown()` when done."""
+
+    def __init__(self, status: int = 200) -> None:
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+
+        self.bodies: list[dict[str, Any]] = []
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                hook.bodies.append(json.loads(self.rfile.read(length)))
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def shutdown(self) -> None:
+        self.server.shutdown()

@@ -5,16 +5,15 @@ job's own stop before its time limit, and notifications to a local HTTP server a
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fakes import FakeSlurm
 from helpers import REPO, free_port
+from helpers import WebhookServer as Hook
 
 from orchestrator import notify
 from orchestrator.backends.slurm import chain
@@ -174,30 +173,11 @@ def test_the_job_stops_itself_signal_delay_before_its_time_limit() -> None:
 # --- notifications ------------------------------------------------------------------------------
 
 
-class Hook:
-    def __init__(self, status: int = 200) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                hook.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(status)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                return
-
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 @pytest.fixture
 def hook() -> Iterator[Hook]:
     h = Hook()
     yield h
-    h.server.shutdown()
+    h.shutdown()
 
 
 def _run_dir(tmp_path: Path, notify_section: dict[str, Any]) -> Path:

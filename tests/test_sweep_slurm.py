@@ -13,13 +13,12 @@ import json
 import os
 import signal
 import subprocess
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import WebhookServer as Hook
 from helpers import (
     checkpoint_tensors,
     events,
@@ -43,33 +42,11 @@ RUN = (
 GRID = ("--grid", "training.learning_rate=1.0e-3,3.0e-3", "--grid", "moe.top_k=1,2")
 
 
-class Hook:
-    """A local webhook: every JSON body POSTed to it, in arrival order."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                hook.bodies.append(json.loads(self.rfile.read(length)))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                return
-
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 @pytest.fixture
 def hook() -> Iterator[Hook]:
     h = Hook()
     yield h
-    h.server.shutdown()
+    h.shutdown()
 
 
 def _array_rows(array_id: str) -> list[str]:
