@@ -4,8 +4,9 @@ Shared pieces for every command (add new commands below, in the same shape):
 - `ConfigArg`, `SetOption`, `HomeOption`: the common arguments and options;
 - `_run_cli(fn)`: runs the library call and maps a `MoeOrchError` to one red line per issue on
   stderr and the error's exit code (ConfigError: 2), never a traceback for a user's error;
-- `out` / `err`: the rich consoles (stdout for results, stderr for errors and warnings), and
-  `Console`, `Table`, `Text`: rich imported at first use (`orchestrator/console.py`);
+- `_echo`, `_warn`, `_print_error`: plain lines through click (colour only on a terminal); `out`,
+  `Console`, `Table`, `Text`: rich, imported at first use (`orchestrator/console.py`), only for
+  the few tables and `--watch`;
 - secrets never reach the terminal: error, warning and `_echo` lines and log records go through
   `orchestrator.redact` (status and logs redact in their library code too).
 
@@ -25,7 +26,7 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from orchestrator.console import Console, Table, Text, err, out
+from orchestrator.console import Console, Table, Text, out
 from orchestrator.errors import ConfigError, MoeOrchError
 from orchestrator.redact import RedactingFilter, redact
 
@@ -82,16 +83,17 @@ def home_dir(home: Path | None) -> Path:
     return (home if home is not None else DEFAULT_HOME).expanduser().absolute()
 
 
+# NOTE: plain lines go through click (typer.secho: colour only on a terminal), not rich: importing
+# and starting rich's console cost ~30 ms of every `validate` (issue 14: validate <= 200 ms).
 def _print_error(exc: MoeOrchError) -> None:
     lines = [str(issue) for issue in exc.issues] if isinstance(exc, ConfigError) else str(exc).splitlines()
     for line in lines or [type(exc).__name__]:
-        # Text, not markup: a message such as `n[1-4]` must print as written.
-        err.print(Text(f"error: {redact(line)}", style="bold red"))
+        typer.secho(f"error: {redact(line)}", fg="red", bold=True, err=True)
 
 
 def _warn(lines: list[str]) -> None:
     for line in lines:
-        err.print(Text(f"warning: {redact(line)}", style="yellow"))
+        typer.secho(f"warning: {redact(line)}", fg="yellow", err=True)
 
 
 def _run_cli(fn: Callable[[], T]) -> T:
@@ -103,7 +105,7 @@ def _run_cli(fn: Callable[[], T]) -> T:
         _print_error(exc)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        err.print(Text("interrupted", style="red"))
+        typer.secho("interrupted", fg="red", err=True)
         raise typer.Exit(130) from None
 
 
@@ -139,7 +141,7 @@ def validate(
     ] = None,
 ) -> None:
     """Check a config (schema, cross-field rules, data files) and print the run's numbers."""
-    from orchestrator.lifecycle.validate import summary_rows, validate_file
+    from orchestrator.lifecycle.validate import summary_lines, validate_file
 
     run_dir = None
     if run is not None:
@@ -147,14 +149,10 @@ def validate(
 
         run_dir = _run_cli(lambda: find_run(runs_home(home), run))
     summary = _run_cli(lambda: validate_file(config, set_ or [], home=home, run_dir=run_dir))
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    for label, value in summary_rows(summary):
-        table.add_row(label, value)
-    out.print(table)
+    for line in summary_lines(summary):
+        typer.echo(line)
     _warn(summary.warnings)
-    out.print(Text(f"ok: {config} is valid", style="green"))
+    typer.secho(f"ok: {config} is valid", fg="green")
 
 
 @app.command()
@@ -189,8 +187,8 @@ def render(
 
     paths = _run_cli(go)
     for path in paths.values():
-        out.print(Text(str(path)))
-    out.print(Text(f"submit by hand: sbatch {paths['sbatch.sh']}", style="green"))
+        _echo(str(path))
+    typer.secho(f"submit by hand: sbatch {paths['sbatch.sh']}", fg="green")
 
 
 @app.command()
@@ -218,7 +216,7 @@ def schema(
             raise MoeOrchError(f"cannot write {out_file}: {exc.strerror or exc}") from None
 
     _run_cli(write)
-    out.print(Text(f"wrote {out_file}"))
+    _echo(f"wrote {out_file}")
 
 
 @app.command()
@@ -241,7 +239,7 @@ RunArg = Annotated[str, typer.Argument(metavar="RUN", help="A run id (or a uniqu
 
 
 def _echo(line: str) -> None:
-    out.print(Text(redact(line)))
+    typer.echo(redact(line))
 
 
 def _find(home: Path | None, run: str) -> Path:
@@ -403,7 +401,8 @@ def status(
     import json
     import time
 
-    from orchestrator.lifecycle.status import detail_lines, poll, run_detail
+    from orchestrator.lifecycle.poll import poll
+    from orchestrator.lifecycle.status import detail_lines, run_detail
     from orchestrator.rundir import runs as runs_lib
 
     root = home_dir(home)
@@ -413,7 +412,7 @@ def status(
     if run is None and not as_json:
         lines = _run_cli(lambda: _status_lines(root, show_all))
         if not lines:
-            out.print(Text(f"no runs under {root} (submit one with `moe-orch submit CONFIG`)"))
+            _echo(f"no runs under {root} (submit one with `moe-orch submit CONFIG`)")
             return
         if not watch_:
             # NOTE: plain text, as wide as it needs (rich took a second for 1,000 rows).
@@ -421,10 +420,10 @@ def status(
             return
     dirs = [_find(home, run)] if run else runs_lib.list_runs(root)
 
-    def render() -> Text:
+    def render() -> str:
         if run is None:
-            return Text("\n".join(_status_lines(root, show_all)))
-        return Text("\n".join(detail_lines(run_detail(poll(dirs)[0]))))
+            return "\n".join(_status_lines(root, show_all))
+        return "\n".join(detail_lines(run_detail(poll(dirs)[0])))
 
     if as_json:
         views = _run_cli(lambda: poll(dirs))
@@ -432,17 +431,16 @@ def status(
         sys.stdout.write(json.dumps(data[0] if run else data, indent=2) + "\n")
         return
     if not watch_:
-        # NOTE: a wide table when piped (rich would squeeze columns to 80 characters).
-        wide = out if out.is_terminal else Console(highlight=False, soft_wrap=True, width=200)
-        wide.print(_run_cli(render))
+        # NOTE: plain text as wide as it needs (rich would squeeze columns to 80 characters when piped).
+        sys.stdout.write(_run_cli(render) + "\n")
         return
     from rich.live import Live
 
     try:
-        with Live(_run_cli(render), console=out, refresh_per_second=4) as live:
+        with Live(Text(_run_cli(render)), console=out, refresh_per_second=4) as live:
             while True:
                 time.sleep(interval)
-                live.update(_run_cli(render))
+                live.update(Text(_run_cli(render)))
     except KeyboardInterrupt:
         return
 
@@ -489,7 +487,7 @@ def cancel(run: RunArg, home: HomeOption = None) -> None:
         return
     rec = _run_cli(lambda: cancel_run(path))
     job = rec.current.job_id if rec.current else None
-    out.print(Text(f"{rec.run_id}: cancelled" + (f" (job {job})" if job else "")))
+    _echo(f"{rec.run_id}: cancelled" + (f" (job {job})" if job else ""))
 
 
 @app.command()
@@ -506,10 +504,10 @@ def plot(
         from orchestrator.lifecycle.sweep import plot_sweep
 
         path = _run_cli(lambda: plot_sweep(target, out_file))
-        out.print(Text(f"wrote {path}"))
+        _echo(f"wrote {path}")
         return
     path = _run_cli(lambda: plot_run(target, out_file))
-    out.print(Text(f"wrote {path}"))
+    _echo(f"wrote {path}")
 
 
 @app.command()
@@ -576,7 +574,7 @@ def resume(
     rec = _run_cli(lambda: resume_run(run_dir))
     cur = rec.current
     job, number = (cur.job_id, cur.number) if cur else ("?", "?")
-    out.print(Text(f"{rec.run_id}: resubmitted as job {job} (attempt {number})"))
+    _echo(f"{rec.run_id}: resubmitted as job {job} (attempt {number})")
 
 
 @app.command()
@@ -601,7 +599,7 @@ def export(
 
     run_dir = _run_cli(lambda: find_run_with_checkpoints(home_dir(home), run))
     path = _run_cli(lambda: export_run(run_dir, out_dir, tag=checkpoint))
-    out.print(Text(f"wrote {path}"))
+    _echo(f"wrote {path}")
 
 
 @app.command()
@@ -637,20 +635,38 @@ def reshard(
         )
     )
     if result is None:
-        out.print(Text("the checkpoint already has this topology; nothing written"))
+        _echo("the checkpoint already has this topology; nothing written")
         return
     for line in change_lines(result.old, result.new):
         _echo(line)
-    out.print(
-        Text(
-            f"wrote {result.path} ({result.bytes / 1e6:.1f} MB, {result.written_bytes / 1e6:.1f} MB new, "
-            f"{result.seconds:.1f} s)"
-        )
+    _echo(
+        f"wrote {result.path} ({result.bytes / 1e6:.1f} MB, {result.written_bytes / 1e6:.1f} MB new, "
+        f"{result.seconds:.1f} s)"
     )
+
+
+def _only_invoked_command(argv: list[str]) -> None:
+    """Keep only the command `argv` names (`moe-orch validate ...` -> `validate`) in `app`.
+
+    NOTE: typer builds every command's parameters (signatures, annotations, help) before it runs
+    one: ~25 ms of each call for 14 commands (issue 14: `validate` <= 200 ms). With one command
+    left, `moe-orch CMD --help` and CMD's own usage errors read the same. `moe-orch --help`, an
+    unknown command and shell completion keep them all.
+    """
+    if len(argv) < 2 or any(key.endswith("_COMPLETE") for key in os.environ):
+        return
+    names = {
+        (info.name or typer.main.get_command_name(info.callback.__name__)): info
+        for info in app.registered_commands
+        if info.callback is not None
+    }
+    if argv[1] in names:
+        app.registered_commands = [names[argv[1]]]
 
 
 def main() -> None:
     """Entry point of the `moe-orch` script."""
+    _only_invoked_command(sys.argv)
     logging.basicConfig(
         level=os.environ.get("MOE_ORCH_LOG_LEVEL", "WARNING").upper(),
         format="%(levelname)s %(name)s: %(message)s",

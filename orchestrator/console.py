@@ -1,10 +1,11 @@
-"""The CLI's rich pieces, imported when first used: `out` / `err` (the consoles), `Console`,
-`Table`, `Text`.
+"""The CLI's rich pieces, imported when first used: `out` (the console), `Console`, `Table`,
+`Text`: only for the tables of `configs` and `status SWEEP` and for `--watch` (plain lines go
+through click: `orchestrator/cli.py`).
 
 `import rich.console` alone costs about as much as starting the interpreter, and `moe-orch --help`
 or a failing `validate` never draws a table. For the type checker these names are rich's own
 classes; at run time `Console(...)`, `Table(...)` and `Text(...)` import rich on their first call
-and return rich's objects, and `out` / `err` create their console on first use.
+and return rich's objects, and `out` creates its console on first use.
 """
 
 from __future__ import annotations
@@ -46,8 +47,7 @@ class _LazyConsole:
         return getattr(self._console, name)
 
 
-# soft_wrap: an error stays one line however narrow the terminal; highlight off: no guessing colours.
+# soft_wrap: a line stays one line however narrow the terminal; highlight off: no guessing colours.
 out = cast("Console", _LazyConsole(highlight=False, soft_wrap=True))
-err = cast("Console", _LazyConsole(stderr=True, highlight=False, soft_wrap=True))
 
-__all__ = ["Console", "Table", "Text", "err", "out"]
+__all__ = ["Console", "Table", "Text", "out"]

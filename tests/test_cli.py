@@ -147,6 +147,52 @@ def test_cli_never_imports_heavy_modules(argv: list[str], tmp_path: Path) -> Non
     assert "HEAVY []" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("argv", "absent"),
+    [
+        # plain lines go through click: rich only for the few tables and --watch
+        (["validate", "tiny-slurm"], ("rich",)),
+        # nothing in `status` validates a config: neither the schema nor typer may import pydantic
+        (["status", "--home", "{tmp}"], ("rich", "pydantic")),
+    ],
+)
+def test_validate_and_status_leave_out_what_they_do_not_use(
+    argv: list[str], absent: tuple[str, ...], tmp_path: Path
+) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code = (
+        "import atexit, sys\n"
+        f"loaded = lambda: sorted(m for m in {absent!r} if m in sys.modules)\n"
+        "atexit.register(lambda: print('LOADED', loaded(), file=sys.stderr))\n"
+        f"sys.argv = ['moe-orch', *{argv!r}]\n"
+        "from orchestrator.cli import main\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "LOADED []" in result.stderr
+
+
+def _moe_orch(*argv: str) -> subprocess.CompletedProcess[str]:
+    code = (
+        f"import sys\nsys.argv = ['moe-orch', *{list(argv)!r}]\nfrom orchestrator.cli import main\nmain()\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_the_script_builds_only_the_command_it_runs_and_every_help_still_reads_the_same() -> None:
+    # `main` keeps only the named command in the app (typer builds every command's options first).
+    top = _moe_orch("--help")
+    assert top.returncode == 0 and all(f" {cmd} " in top.stdout for cmd in ("validate", "status", "reshard"))
+    one = _moe_orch("validate", "--help")
+    assert one.returncode == 0 and one.stdout.startswith("Usage: moe-orch validate [OPTIONS]")
+    assert "--set" in one.stdout
+    unknown = _moe_orch("no-such-command")
+    assert unknown.returncode == 2 and "No such command" in unknown.stderr
+    wrong = _moe_orch("validate", "--no-such-option", "tiny-slurm")
+    assert wrong.returncode == 2 and "No such option" in wrong.stderr
+
+
 def test_render_into_a_folder_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

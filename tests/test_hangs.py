@@ -17,6 +17,7 @@ from helpers import REPO, write_event, write_start
 
 from orchestrator.backends.nodelist import plan_exclusion
 from orchestrator.lifecycle import status, submit
+from orchestrator.lifecycle.poll import poll
 from orchestrator.lifecycle.watch import watch_once
 from orchestrator.rundir import goodput, heartbeats, runs
 from orchestrator.rundir.runs import RunState, StopReason
@@ -159,7 +160,7 @@ def test_a_hang_event_ends_the_attempt_hung_and_watch_resubmits_on_the_same_two_
     assert [a.job_id for a in rec.attempts] == ["100", "101"], "resubmitted within max_hangs"
     assert "retrying on the same nodes" in (rec.attempts[1].note or ""), rec.attempts[1].note
     assert "--exclude" not in fake.jobs["101"].script
-    shown = "\n".join(status.detail_lines(status.run_detail(status.poll([run_dir])[0])))
+    shown = "\n".join(status.detail_lines(status.run_detail(poll([run_dir])[0])))
     assert "stop hung" in shown and "hang: detected by rank 0 14.0 s after the last progress" in shown
 
 
@@ -337,7 +338,7 @@ def test_status_shows_each_running_rank_its_stragglers_and_the_goodput(
                   "last_progress": now - 2, "ledger": {"startup": 10.0, "forward": 5.0},
                   "train_s": 4.0}  # fmt: skip
         heartbeats.write_heartbeat(heartbeats.heartbeat_path(run_dir, "100.0", rank), record)
-    detail = status.run_detail(status.poll([run_dir])[0])
+    detail = status.run_detail(poll([run_dir])[0])
     shown = "\n".join(status.detail_lines(detail))
     assert "rank 1 on n2: step 10, forward, 2 s since progress, heartbeat 1 s ago" in shown, shown
     assert "straggler now: rank 1 on n2: 3.5x the others' compute per step" in shown, shown
@@ -362,7 +363,7 @@ def test_status_names_the_rank_that_failed_first_from_the_heartbeats(fake: FakeS
         )
     fake.set_state("100", None)
     fake.add_acct("100", "FAILED", "1:0")
-    shown = "\n".join(status.detail_lines(status.run_detail(status.poll([run_dir])[0])))
+    shown = "\n".join(status.detail_lines(status.run_detail(poll([run_dir])[0])))
     expected = (
         "first failure: rank 1 on n2: InjectedFault: MOE_ORCH_FAULT crash_at_step:7; "
         "then rank 0 (+0.2 s): RuntimeError: peer closed"

@@ -362,7 +362,7 @@ def test_a_cancelled_local_job_ends_its_attempt_cancelled(tmp_path: Path) -> Non
 def test_a_rank_that_died_before_the_worker_started_shows_its_error(tmp_path: Path) -> None:
     import pickle
 
-    from orchestrator.lifecycle.status import poll
+    from orchestrator.lifecycle.poll import poll
 
     rec = make_record(tmp_path, executor="local", max_failures=0)
     rec.attempts.append(Attempt(number=1, job_id="999999999", submitted=NOW - 60))
@@ -455,7 +455,8 @@ def test_status_names_the_killed_rank_from_the_batch_stderr_with_one_squeue_and_
 ) -> None:
     from fakes import FakeSlurm
 
-    from orchestrator.lifecycle.status import detail_lines, poll, run_detail
+    from orchestrator.lifecycle.poll import poll
+    from orchestrator.lifecycle.status import detail_lines, run_detail
 
     fake = FakeSlurm(first_job_id=5)
     with fake.context():
@@ -522,7 +523,8 @@ def test_status_json_and_text_agree_on_a_finishing_attempt_and_keep_asking_for_i
 ) -> None:
     from fakes import FakeSlurm
 
-    from orchestrator.lifecycle.status import detail_lines, poll, run_detail
+    from orchestrator.lifecycle.poll import poll
+    from orchestrator.lifecycle.status import detail_lines, run_detail
 
     fake = FakeSlurm(first_job_id=5)
     with fake.context():

@@ -1,9 +1,12 @@
 """The `status` table: active runs and the newest finished ones, `--all`, the row cache of finished
-runs (`<home>/.status-rows.json`), and run.json left alone when a poll changes only a liveness
-stamp (orchestrator/lifecycle/status.py)."""
+runs (`<home>/.status-rows.json`) (orchestrator/lifecycle/status.py), and run.json left alone when
+a poll only sees a job alive again: the stamp goes to `<home>/.liveness.json`
+(orchestrator/lifecycle/poll.py, orchestrator/rundir/liveness.py)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +14,8 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.lifecycle import status
-from orchestrator.rundir import runs
+from orchestrator.lifecycle.poll import _same_record, poll
+from orchestrator.rundir import liveness, runs
 from orchestrator.rundir.runs import Attempt, AttemptState, RunRecord, RunState, StopReason
 
 NOW = time.time()
@@ -74,18 +78,57 @@ def test_finished_rows_come_from_the_cache_until_their_run_json_changes(tmp_path
     assert (status.list_status(tmp_path).polled, status.list_status(tmp_path).cached) == (1, 2)
 
 
-def test_a_poll_that_only_sees_the_job_alive_again_leaves_run_json_alone_for_a_while() -> None:
+def test_a_job_seen_alive_again_goes_to_the_homes_sightings_file_not_to_run_json(tmp_path: Path) -> None:
+    # A process whose command line names submitit stands for a local job's controller.
+    controller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit"])
+    try:
+        run_id = add_run(tmp_path, 0, finished=False)
+        run_dir = tmp_path / run_id
+        job = str(controller.pid)
+
+        def running(rec: RunRecord) -> None:
+            rec.state = RunState.RUNNING
+            rec.attempts.append(Attempt(number=1, job_id=job, attempt_key=f"{job}.0", submitted=NOW,
+                                        state=AttemptState.RUNNING, last_seen_alive=NOW - 30))  # fmt: skip
+
+        runs.update_run(run_dir, running)
+        # The first poll records RUNNING (a real change) and the sighting.
+        poll([run_dir], now=NOW)
+        before = (run_dir / runs.RUN_FILE).stat().st_mtime_ns
+        assert liveness.read(tmp_path) == {run_id: {job: NOW}}
+        # Later polls only see the job alive again: run.json stays as it is, the sightings move on
+        # and every view carries the newest stamp.
+        for later in (NOW + 15, NOW + 45):
+            (view,) = poll([run_dir], now=later)
+            assert view.record.attempts[0].last_seen_alive == later
+            assert liveness.read(tmp_path) == {run_id: {job: later}}
+        assert (run_dir / runs.RUN_FILE).stat().st_mtime_ns == before
+        assert runs.read_run(run_dir).attempts[0].last_seen_alive == NOW
+        # A poll that reads the stamp back never goes behind the file (another poll wrote later).
+        liveness.record(tmp_path, {run_id: {job: NOW + 100}})
+        (view,) = poll([run_dir], now=NOW + 50)
+        assert liveness.read(tmp_path)[run_id][job] == NOW + 100
+    finally:
+        controller.kill()
+        controller.wait()
+    # The job is gone: the attempt ends (a real change, written) and the run leaves the file.
+    (view,) = poll([run_dir], now=NOW + 200)
+    assert view.record.attempts[0].state == AttemptState.ENDED
+    assert runs.read_run(run_dir).attempts[0].state == AttemptState.ENDED
+    assert liveness.read(tmp_path) == {}
+
+
+def test_only_the_liveness_stamp_is_left_out_of_the_comparison_that_decides_a_write() -> None:
     def record(seen: float | None) -> RunRecord:
         att = Attempt(number=1, job_id="7", state=AttemptState.RUNNING, last_seen_alive=seen)
         return RunRecord(run_id="r", name="r", config_hash="x", created=0.0, executor="slurm",
                          run_dir="/r", home="/", attempts=[att])  # fmt: skip
 
-    assert status._same_record(record(100.0), record(100.0 + status.LIVENESS_WRITE_S - 1))
-    assert not status._same_record(record(100.0), record(100.0 + status.LIVENESS_WRITE_S))
-    assert not status._same_record(record(None), record(100.0))
+    assert _same_record(record(100.0), record(5000.0))
+    assert _same_record(record(None), record(100.0))
     changed = record(100.0)
     changed.attempts[0].last_step = 5
-    assert not status._same_record(record(100.0), changed)
+    assert not _same_record(record(100.0), changed)
 
 
 def test_the_cli_table_is_plain_aligned_text_and_says_what_it_left_out(tmp_path: Path) -> None:

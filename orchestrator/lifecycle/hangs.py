@@ -26,7 +26,7 @@ import yaml
 from orchestrator.backends import backend_for
 from orchestrator.backends.nodelist import plan_exclusion
 from orchestrator.errors import SchedulerError
-from orchestrator.lifecycle.status import RunView
+from orchestrator.lifecycle.poll import RunView
 from orchestrator.rundir import heartbeats, reports
 from orchestrator.rundir.heartbeats import Diagnosis
 from orchestrator.rundir.runs import AttemptState, RunRecord, RunState, StopReason

@@ -217,7 +217,7 @@ def follow_logs(
 ) -> None:
     """Stream new lines of every rank (including the next attempt's after a requeue or a
     resubmission) until the run reaches a final state."""
-    from orchestrator.lifecycle.status import poll
+    from orchestrator.lifecycle.poll import poll
 
     offsets: dict[Path, int] = {}
     partial: dict[Path, str] = {}

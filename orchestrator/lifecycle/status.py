@@ -1,10 +1,4 @@
-"""`status`: refresh run records from one batched scheduler query, and describe them.
-
-`poll` is the one place where records meet the scheduler: it asks each run's backend first (one
-`observe` per backend for all its runs: one `squeue` + one `sacct` for every SLURM job of every
-run, pid checks for local jobs), then reads each run's events and rewrites its `run.json` under the
-lock when the refresh changed it (a job merely seen alive again is written at most every
-`LIVENESS_WRITE_S`). No torch here.
+"""`status`: describe runs refreshed by `poll.py` (the table of all runs, one run in detail).
 
 `list_status` is the table of `moe-orch status`: the runs that are not finished are polled; a
 finished run that has nothing left to ask (its row cannot change) is read once and its row kept
@@ -19,177 +13,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.backends import Backend, Observation, backend_for
-from orchestrator.lifecycle.reconcile import Budgets, reconcile
-from orchestrator.redact import redact, redact_values
+from orchestrator.backends import backend_for
+from orchestrator.lifecycle.poll import RunView, needs_refresh, poll
+from orchestrator.redact import redact_values
 from orchestrator.rundir import checkpoints, goodput, heartbeats, reports, runs
 from orchestrator.rundir.atomic import atomic_write_text
 from orchestrator.rundir.runs import AttemptState, RunRecord, RunState, StopReason
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RunView:
-    """A refreshed run with what its table row shows."""
-
-    run_dir: Path
-    record: RunRecord
-    progress: dict[str, Any] | None
-    observation: Observation | None
-    """What the run's backend saw at this poll (None when the run was not refreshed)."""
-
-    @property
-    def step(self) -> int | None:
-        if self.progress and isinstance(self.progress.get("step"), int):
-            return int(self.progress["step"])
-        steps = [a.last_step for a in self.record.attempts if a.last_step is not None]
-        return max(steps) if steps else None
-
-    @property
-    def total_steps(self) -> int | None:
-        total = (self.progress or {}).get("total_steps")
-        return int(total) if isinstance(total, int) else None
-
-    def eta_s(self) -> float | None:
-        p = self.progress or {}
-        step, total, dt = p.get("step"), p.get("total_steps"), p.get("step_time_s")
-        if self.record.state != RunState.RUNNING:
-            return None
-        if not (
-            isinstance(step, (int, float))
-            and isinstance(total, (int, float))
-            and isinstance(dt, (int, float))
-        ):
-            return None
-        return max(0.0, (float(total) - float(step)) * float(dt))
-
-
-def _stale(run_dir: Path, rec: RunRecord, backend: Backend) -> bool:
-    """Whether the poll must refresh the run: it is not final, its backend still has something to
-    say about it, or its worker wrote events since the record was written."""
-    open_attempt = rec.current is not None and rec.current.state != AttemptState.ENDED
-    return not rec.final or open_attempt or backend.needs_scheduler(rec) or _events_newer(run_dir, rec)
-
-
-def poll(run_dirs: list[Path], *, now: float | None = None) -> list[RunView]:
-    """Refresh every run in `run_dirs` (one scheduler query per backend for all) and return their
-    views."""
-    records: list[tuple[Path, RunRecord, Backend]] = []
-    for d in run_dirs:
-        try:
-            rec = runs.read_run(d)
-            records.append((d, rec, backend_for(rec.executor)))
-        except Exception as exc:  # a broken run.json must not hide the others
-            logger.warning("skipping %s: %s", d, exc)
-    stale = [(d, rec, backend) for d, rec, backend in records if _stale(d, rec, backend)]
-    observed: dict[Path, Observation] = {}
-    for backend in {b.name: b for _, _, b in stale}.values():
-        observed.update(backend.observe([(d, rec) for d, rec, b in stale if b.name == backend.name]))
-    stamp = now if now is not None else time.time()
-    views: list[RunView] = []
-    for d, rec, _ in records:
-        progress = reports.read_progress(d)
-        if d not in observed:
-            views.append(RunView(d, rec, progress, None))
-            continue
-        seen = observed[d]
-
-        def _refresh(
-            r: RunRecord, d: Path = d, seen: Observation = seen, progress: dict[str, Any] | None = progress
-        ) -> None:
-            reconcile(
-                r,
-                reports.read_events(d),
-                progress=progress,
-                observed=seen,
-                budgets=Budgets.from_dict(r.budgets),
-                now=stamp,
-            )
-            _attach_result_errors(r, d)
-
-        # NOTE: refreshed in memory first; run.json is rewritten (under its lock, fsynced) only
-        # when that changed more than a liveness stamp: 500 running runs used to cost 500 fsyncs
-        # per `status`.
-        trial: RunRecord = pickle.loads(pickle.dumps(rec))  # a deep copy (dataclasses.asdict is slow)
-        _refresh(trial)
-        if _same_record(rec, trial):
-            views.append(RunView(d, trial, progress, seen))
-            continue
-        try:
-            rec = runs.update_run(d, _refresh)
-        except OSError as exc:  # read-only home: show what we can
-            logger.warning("cannot update %s: %s", d, exc)
-            rec = trial
-        views.append(RunView(d, rec, progress, seen))
-    return views
-
-
-LIVENESS_WRITE_S = 10.0
-"""A job seen alive again is recorded (`last_seen_alive` in run.json) at most this often: a
-backend declares a job lost a minute after it was last seen (slurm/attempts.py LOST_AFTER_S), so
-a stamp up to 10 s old changes nothing, and polls in between write nothing."""
-
-
-def _same_record(before: RunRecord, after: RunRecord) -> bool:
-    """Whether a refresh changed nothing worth a write: the same record, except attempts' newer
-    `last_seen_alive` within `LIVENESS_WRITE_S` of the stored one."""
-    # NOTE: the fields' values are plain data (str, numbers, lists, dicts), so the dataclasses'
-    # own dicts compare by value, without `dataclasses.asdict`'s deep copy.
-    old = {**vars(before), "attempts": [dict(vars(a)) for a in before.attempts]}
-    new = {**vars(after), "attempts": [dict(vars(a)) for a in after.attempts]}
-    if len(old["attempts"]) != len(new["attempts"]):
-        return False
-    for a, b in zip(old["attempts"], new["attempts"], strict=True):
-        was, seen = a.get("last_seen_alive"), b.get("last_seen_alive")
-        numbers = isinstance(was, (int, float)) and isinstance(seen, (int, float))
-        if numbers and 0 <= seen - was < LIVENESS_WRITE_S:
-            b["last_seen_alive"] = was
-    return old == new
-
-
-def result_error(run_dir: Path, job_id: str) -> str | None:
-    """The last line of the first error traceback submitit pickled for `job_id` (a rank that
-    raised before the worker could write an `exit` event, e.g. an import error)."""
-    for path in sorted((run_dir / "logs").glob(f"{job_id}_*_result.pkl")):
-        try:
-            with path.open("rb") as f:
-                outcome = pickle.load(f)
-        except Exception:  # a pickle being written, or one needing unavailable classes
-            continue
-        if isinstance(outcome, tuple) and len(outcome) == 2 and outcome[0] == "error":
-            lines = [ln for ln in str(outcome[1]).strip().splitlines() if ln.strip()]
-            if lines:  # a traceback's last line may hold a URL with credentials
-                rank = path.name[len(job_id) + 1 :].split("_")[0]  # `<job>_<rank>_result.pkl`
-                return redact(f"{lines[-1].strip()} (rank {rank})")
-    return None
-
-
-def _attach_result_errors(rec: RunRecord, run_dir: Path) -> None:
-    for att in rec.attempts:
-        generic = att.error is None or "without an exit event" in att.error
-        if (
-            att.state == AttemptState.ENDED
-            and att.job_id
-            and att.stop_reason == StopReason.FAILED
-            and generic
-        ):
-            found = result_error(run_dir, att.job_id)
-            if found:
-                att.error = found
-
-
-def _events_newer(run_dir: Path, rec: RunRecord) -> bool:
-    try:
-        return reports.events_path(run_dir).stat().st_mtime > rec.updated
-    except OSError:
-        return False
 
 
 # --- presentation helpers (plain data; the CLI renders them with rich) -------------------------
@@ -339,7 +175,7 @@ def list_status(
         rec = view.record
         if rec.final:
             ended[d] = _ended(rec)
-            if not _stale(d, rec, backend_for(rec.executor)):  # nothing left to ask: cache its row
+            if not needs_refresh(d, rec, backend_for(rec.executor)):  # nothing left to ask: cache its row
                 fresh[d.name] = {
                     "run_mtime_ns": _mtime_ns(d / runs.RUN_FILE),
                     "events_mtime_ns": _mtime_ns(reports.events_path(d)),

@@ -389,7 +389,7 @@ def last_eval_loss(run_dir: Path) -> float | None:
 def sweep_status(sweep_dir: Path, *, with_goodput: bool = True) -> dict[str, Any]:
     """Every element refreshed (one scheduler query for all): grid values, state, step, loss, eval
     loss, goodput; `best` is the element with the lowest eval loss."""
-    from orchestrator.lifecycle.status import poll
+    from orchestrator.lifecycle.poll import poll
     from orchestrator.redact import redact_values
 
     rec = sweeps.read_sweep(sweep_dir)

@@ -420,11 +420,13 @@ def summary_rows(s: Summary) -> list[tuple[str, str]]:
     return rows
 
 
-def summary_text(s: Summary) -> str:
-    """The summary as plain text (logs, tests, `--plain`)."""
+def summary_lines(s: Summary) -> list[str]:
+    """The summary's rows as aligned `label  value` lines (what `moe-orch validate` prints)."""
     rows = summary_rows(s)
     width = max(len(label) for label, _ in rows)
-    lines = [f"{label.ljust(width)}  {value}" for label, value in rows]
-    lines += [f"warning: {w}" for w in s.warnings]
-    return "\n".join(lines)
+    return [f"{label.ljust(width)}  {value}" for label, value in rows]
 
+
+def summary_text(s: Summary) -> str:
+    """The summary and its warnings as plain text (logs, tests)."""
+    return "\n".join([*summary_lines(s), *(f"warning: {w}" for w in s.warnings)])

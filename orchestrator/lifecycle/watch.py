@@ -22,8 +22,8 @@ from pathlib import Path
 from orchestrator.backends import backend_for
 from orchestrator.errors import SubmissionError
 from orchestrator.lifecycle.hangs import end_frozen_attempt, frozen_attempt, nodes_to_exclude
+from orchestrator.lifecycle.poll import RunView, poll
 from orchestrator.lifecycle.reconcile import Budgets, check_budgets
-from orchestrator.lifecycle.status import RunView, poll
 from orchestrator.rundir import reports, runs
 from orchestrator.rundir.runs import RunRecord, RunState, StopReason
 

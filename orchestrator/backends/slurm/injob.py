@@ -16,9 +16,9 @@ import logging
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from orchestrator.backends.nodelist import plan_exclusion
@@ -47,8 +47,12 @@ def parse_time(text: str) -> float | None:
     text = text.strip()
     if not text or text in ("Unknown", "None", "N/A", "(null)"):
         return None
+    # NOTE: datetime.fromisoformat, ~10x faster than time.strptime (two per job in every poll),
+    # restricted to the one form SLURM prints.
+    if len(text) != 19 or text[10] != "T":
+        return None
     try:
-        return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+        return datetime.fromisoformat(text).timestamp()  # naive: local time, as mktime read it
     except ValueError:
         return None
 
