@@ -7,16 +7,20 @@ Each model runs on 2 fresh ranks (torch.multiprocessing, gloo, fp32, ZeRO-2, exp
 over both ranks, as `configs/tiny-cpu.yaml` trains), built as the worker builds it, after one
 optimizer step so that the Adam moments exist. Then, repeated and interleaved:
 - ours: `worker.checkpoint.save_checkpoint` (DeepSpeed's `save_checkpoint` into `.partial-<tag>`,
-  each rank's files sha256-hashed as they are written and fsynced, manifest, rename, `latest`,
+  each rank's files hashed (xxh3_128) as they are written and fsynced, manifest, rename, `latest`,
   prune); bytes/s = the manifest's total bytes / the call's wall time (the slower rank);
 - async: `worker.checkpoint.start_background_save` (training.async_save) after each synchronous
   save: the stall (the call's time: the CPU snapshot) against the synchronous save's time, and
-  the background save's time until published;
+  the background save's time until published. The first background save of a run allocates the
+  snapshot's buffers, the later ones copy into them (the median of 3 or more is a later one;
+  `async_stall_s` of the first record is the first);
 - baseline: `dd if=/dev/zero of=<same dir>/f bs=1M count=<same MiB> conv=fsync` by rank 0 (the
   disk's plain sequential write + fsync for the same bytes, in the same folder);
-- load: `select_resume_checkpoint` (sha256 of every file, split over the ranks) + `load_checkpoint`
-  (DeepSpeed's `load_checkpoint` with optimizer and scheduler), against `cat` of the same files to
-  /dev/null (reading the bytes; both with a warm page cache, as right after the save).
+- load: `select_resume_checkpoint` (xxh3_128 of every file, split over the ranks) + `load_checkpoint`
+  (DeepSpeed's `load_checkpoint` with optimizer and scheduler, the files mapped), against `cat` of
+  the same files to /dev/null (reading the bytes; both with a warm page cache, as right after the
+  save). The engine loaded into has trained a step, so its Adam moments exist and the loaded ones
+  are copied into them; a fresh process (a real resume) clones them into new memory instead.
 Bytes per parameter counts every parameter once (experts summed over the expert-parallel ranks).
 With fp32 and ZeRO-2 about 16 B/param is expected: fp32 weights (the module file), and in the
 optimizer shards the fp32 partition + Adam's two moments.
@@ -95,10 +99,11 @@ def _cpu_s() -> float:
 def _legacy_save(engine: Any, run: Path, step: int, client_state: dict[str, Any], rank: int) -> float:
     """The save as it was before issue 14 (for the `[before]` rows, interleaved with ours):
     DeepSpeed's own `torch.save` (CRC32 on), then every rank fsyncs and sha256-hashes a share of
-    the files by reading them back, all_gather, manifest, rename. Returns the seconds."""
+    the files by reading them back, all_gather, manifest (sha256, as then), rename. Returns the
+    seconds."""
     import torch.distributed as dist
 
-    from orchestrator.rundir.checkpoints import finalize_checkpoint, hash_files
+    from orchestrator.rundir.checkpoints import LEGACY_HASH, finalize_checkpoint, hash_files
     from worker import checkpoint as ckpt
 
     started = time.perf_counter()
@@ -106,10 +111,10 @@ def _legacy_save(engine: Any, run: Path, step: int, client_state: dict[str, Any]
     engine.save_checkpoint(str(partial), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
     shares: list[Any] = [None] * WORLD
-    dist.all_gather_object(shares, hash_files(partial / tag, rank, WORLD))
+    dist.all_gather_object(shares, hash_files(partial / tag, rank, WORLD, LEGACY_HASH))
     if rank == 0:
         known = {k: v for share in shares for k, v in share.items()}
-        finalize_checkpoint(run, tag, step, client_state, 1, known)
+        finalize_checkpoint(run, tag, step, client_state, 1, known, LEGACY_HASH)
     dist.barrier()
     return time.perf_counter() - started
 
@@ -223,6 +228,8 @@ def measure_model(model: str, repeats: int) -> dict[str, Any]:
         files = {
             p.name: p.stat().st_size for p in (run_dir / "checkpoints" / tags[-1]).rglob("*") if p.is_file()
         }
+        manifest = json.loads((run_dir / "checkpoints" / tags[-1] / "manifest.json").read_text())
+        manifest_hash = manifest.get("hash", "sha256")
     rank0 = doc["ranks"][0]
     # NOTE: a save or load ends when the slowest rank returns (both end on a barrier).
     save_s = [max(r[i]["save_s"] for r in doc["ranks"]) for i in range(repeats)]
@@ -249,6 +256,8 @@ def measure_model(model: str, repeats: int) -> dict[str, Any]:
         "save_cpu_s": statistics.median(save_cpu),
         "legacy_cpu_s": statistics.median(legacy_cpu),
         "async_save_s": statistics.median(async_s),
+        "first_stall_s": stall_s[0],
+        "hash": manifest_hash,
         "files": files,
         "repeats": repeats,
         "ranks": doc["ranks"],
@@ -283,15 +292,19 @@ def results_from_records(records: list[dict[str, Any]]) -> list[Result]:
                 Result(
                     f"checkpoint async stall {rec['model']}", ours=1e3 * rec["async_stall_s"],
                     baseline=1e3 * rec["save_s"], unit="ms wall",
-                    note=f"training.async_save: training waits for the CPU snapshot only; baseline: the "
-                    f"synchronous save; the background write took {rec['async_save_s']:.2f} s",
+                    note=f"training.async_save: training waits for the CPU snapshot only (into the "
+                    f"previous save's buffers; the first save's: {1e3 * rec['first_stall_s']:.0f} ms); "
+                    f"baseline: the synchronous save; the background write took {rec['async_save_s']:.2f} s"
+                    if "first_stall_s" in rec else f"training.async_save: training waits for the CPU "
+                    f"snapshot only; baseline: the synchronous save; the background write took "
+                    f"{rec['async_save_s']:.2f} s",
                 )
             )  # fmt: skip
         results.append(
             Result(
                 f"checkpoint load {rec['model']}", ours=1e3 * rec["load_s"], baseline=1e3 * rec["cat_s"],
-                unit="ms wall", note=f"verify (sha256) {1e3 * rec['verify_s']:.0f} ms + DeepSpeed load; "
-                "baseline: cat of the files, warm cache",
+                unit="ms wall", note=f"verify ({rec.get('hash', 'sha256')}) {1e3 * rec['verify_s']:.0f} ms "
+                "+ DeepSpeed load; baseline: cat of the files, warm cache",
             )
         )  # fmt: skip
         results.append(

@@ -7,11 +7,11 @@
 # numpy, psutil, py-cpuinfo, msgpack, ninja, einops, nvidia-ml-py, cloudpickle, pytest and
 # tensorboard (the device image's package list; the GPU tests need nothing more) but not:
 # deepspeed, submitit, this package, pydantic (+ its
-# compiled core, annotated-types, typing-inspection) and hjson (a deepspeed dependency);
-# typing-extensions is carried too, as the image's may be older than pydantic needs.
-# Pure-Python wheels are built from the versions in this venv; pydantic-core is the only compiled
-# one, so it is downloaded as a manylinux wheel for the device's Python (3.12, x86_64), pinned to
-# the version pydantic needs.
+# compiled core, annotated-types, typing-inspection), hjson (a deepspeed dependency) and xxhash
+# (checkpoint manifests); typing-extensions is carried too, as the image's may be older than
+# pydantic needs. Pure-Python wheels are built from the versions in this venv; pydantic-core and
+# xxhash are compiled, so they are downloaded as manylinux wheels for the device's Python (3.12,
+# x86_64), at this venv's versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -30,7 +30,7 @@ ver() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --dest "$OUT" \
     --python-version "$DEVICE_PY" --implementation cp --abi "cp${DEVICE_PY/./}" \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-    "pydantic-core==$(ver pydantic-core)"
+    "pydantic-core==$(ver pydantic-core)" "xxhash==$(ver xxhash)"
 # This package (orchestrator + worker); bench/ itself travels with the working tree.
 "$PY" -m pip wheel --quiet --no-deps --wheel-dir "$OUT" .
 

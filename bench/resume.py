@@ -10,7 +10,7 @@ launch path; SLURM adds its own scheduling delay on top). Times, all from the sa
 - ranks up: the newer start time of the two rank processes (/proc/<pid>/stat; torchrun's start
   and its spawn included);
 - `start` event: after imports, process group, tokenizer, data, model, DeepSpeed engine and, when
-  resuming, `select_resume_checkpoint` (sha256 of every file) + `load_checkpoint`;
+  resuming, `select_resume_checkpoint` (xxh3_128 of every file) + `load_checkpoint`;
 - `first_step` event: written when the first optimizer step has ended.
 The compared number is launch -> first_step. A fresh start also runs the step-0 evaluation before
 its first step (the worker's baseline eval), a resume does not: the note shows both parts.

@@ -127,7 +127,7 @@ def test_ranks_split_the_hashing_and_together_catch_a_flipped_byte(tmp_path: Pat
 
 
 def test_the_hashing_writer_hashes_what_it_writes_including_a_forward_seek(tmp_path: Path) -> None:
-    import hashlib
+    import xxhash
 
     path = tmp_path / "f.bin"
     writer = ckpt.HashingWriter(path)
@@ -138,7 +138,7 @@ def test_the_hashing_writer_hashes_what_it_writes_including_a_forward_seek(tmp_p
     entry = writer.close()
     data = path.read_bytes()
     assert data == b"abc\x01\x02\x00\x00\x00"
-    assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": 8}
+    assert entry == {"xxh3_128": xxhash.xxh3_128(data).hexdigest(), "size": 8}
 
 
 def test_the_hashing_writer_refuses_to_seek_backwards(tmp_path: Path) -> None:
@@ -155,3 +155,52 @@ def test_ranks_hash_shares_of_about_equal_bytes_every_file_once() -> None:
     assert sorted(f for share in shares for f in share) == sorted(sizes)
     assert [sum(sizes[f] for f in share) for share in shares] == [190, 111]  # a file is never split
     assert ckpt.hash_shares(sizes, 1) == [sorted(sizes, key=lambda f: (-sizes[f], f))]
+
+
+def test_a_new_manifest_names_its_hash_and_every_entry_holds_that_digest(tmp_path: Path) -> None:
+    import xxhash
+
+    path = fake_save(tmp_path, 4)
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    assert manifest["hash"] == ckpt.HASH == "xxh3_128"
+    weights = path / "mp_rank_00_model_states.pt"
+    assert manifest["files"][weights.name] == {
+        "xxh3_128": xxhash.xxh3_128(weights.read_bytes()).hexdigest(), "size": weights.stat().st_size
+    }
+
+
+def legacy_save(run_dir: Path, step: int) -> Path:
+    """A checkpoint as saves wrote it before xxh3_128: sha256 entries, no `"hash"` in the manifest."""
+    tag = ckpt.tag_for_step(step)
+    staged = ckpt.checkpoints_dir(run_dir) / f"{ckpt.PARTIAL_PREFIX}{tag}" / tag
+    staged.mkdir(parents=True)
+    (staged / "mp_rank_00_model_states.pt").write_bytes(b"weights" * 100)
+    ckpt.finalize_checkpoint(run_dir, tag, step, {"step": step}, None, algorithm=ckpt.LEGACY_HASH)
+    return ckpt.checkpoints_dir(run_dir) / tag
+
+
+def test_a_manifest_written_with_sha256_still_verifies_and_a_flipped_byte_is_still_caught(
+    tmp_path: Path,
+) -> None:
+    import hashlib
+
+    path = legacy_save(tmp_path, 4)
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    assert "hash" not in manifest
+    target = path / "mp_rank_00_model_states.pt"
+    assert manifest["files"][target.name]["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
+    assert ckpt.verify_checkpoint(path)
+    assert all(ckpt.verify_checkpoint(path, rank=r, world_size=2) for r in range(2))
+    data = bytearray(target.read_bytes())
+    data[7] ^= 0x04
+    target.write_bytes(bytes(data))
+    assert not ckpt.verify_checkpoint(path)
+
+
+def test_a_manifest_naming_an_unknown_hash_does_not_verify(tmp_path: Path) -> None:
+    path = fake_save(tmp_path, 4)
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    manifest["hash"] = "md4"
+    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    assert not ckpt.verify_checkpoint(path)
+    assert ckpt.verify_checkpoint(path, full=False)  # sizes need no hash

@@ -7,7 +7,6 @@ The bitwise resume with `training.async_save` is in tests/test_worker_e2e.py (th
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -23,10 +22,11 @@ from orchestrator.rundir import checkpoints as ckpt
 from orchestrator.rundir.reports import read_progress
 
 
-def test_a_file_written_through_the_hashing_writer_loads_and_its_entry_is_the_files_sha256(
+def test_a_file_written_through_the_hashing_writer_loads_and_its_entry_is_the_files_digest(
     tmp_path: Path,
 ) -> None:
     import torch
+    import xxhash
 
     from worker.checkpoint import _write_hashed
 
@@ -35,7 +35,7 @@ def test_a_file_written_through_the_hashing_writer_loads_and_its_entry_is_the_fi
     path = tmp_path / "states.pt"
     entry = _write_hashed(state, path).close()
     data = path.read_bytes()
-    assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    assert entry == {"xxh3_128": xxhash.xxh3_128(data).hexdigest(), "size": len(data)}
     loaded = torch.load(path, weights_only=False)
     assert torch.equal(loaded["w"], weights) and loaded["meta"] == {"step": 3}
 
@@ -57,6 +57,67 @@ def test_the_snapshot_is_a_cpu_copy_that_later_steps_do_not_change_and_keeps_sha
     assert type(snap["module"]) is OrderedDict and type(snap["pair"]) is Pair
     assert snap["pair"].a is snap["module"]["w"]  # one tensor met twice: one copy
     assert snap["shapes"][0] is snap["shapes"][1]
+
+
+def test_the_next_snapshot_copies_into_the_previous_ones_buffers_and_a_new_shape_gets_a_new_one() -> None:
+    import torch
+
+    from worker.checkpoint import SnapshotBuffers, _cpu_snapshot
+
+    buffers = SnapshotBuffers()
+    moments = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    state = {"exp_avg": moments, "step": 1, "view": moments.t()}
+    buffers.start_file("optim_states.pt")
+    first = _cpu_snapshot(state, buffers=buffers)
+    pointers = {key: first[key].data_ptr() for key in ("exp_avg", "view")}
+    assert buffers.nbytes() == 2 * 6 * 4
+    assert first["view"].stride() == moments.t().stride()  # a dense view keeps its strides, as clone()
+
+    moments.mul_(10.0)  # the next optimizer step
+    assert torch.equal(first["exp_avg"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    buffers.start_file("optim_states.pt")  # the next save, once the first is written
+    second = _cpu_snapshot(state, buffers=buffers)
+    assert {key: second[key].data_ptr() for key in ("exp_avg", "view")} == pointers  # no new memory
+    assert torch.equal(second["exp_avg"], moments) and torch.equal(second["view"], moments.t())
+
+    state["exp_avg"] = torch.zeros(4)
+    buffers.start_file("optim_states.pt")
+    third = _cpu_snapshot(state, buffers=buffers)
+    assert third["exp_avg"].shape == (4,) and third["exp_avg"].data_ptr() != pointers["exp_avg"]
+
+
+def test_a_mapped_load_leaves_no_optimizer_state_backed_by_the_file(tmp_path: Path) -> None:
+    """torch's Optimizer.load_state_dict adopts the loaded moments as they are: after a mapped
+    load they are copied into the moments the optimizer had (or cloned when it had none)."""
+    import torch
+
+    from worker.checkpoint import HashingCheckpointEngine, _optimizer_tensors, _own_loaded_state
+
+    def trained(seed: int) -> torch.optim.Optimizer:
+        torch.manual_seed(seed)
+        weight = torch.nn.Parameter(torch.randn(64))
+        optimizer = torch.optim.AdamW([weight], lr=0.1)
+        weight.grad = torch.randn(64)
+        optimizer.step()
+        return optimizer
+
+    saved = trained(0)
+    path = tmp_path / "optim_states.pt"
+    torch.save({"optimizer": saved.state_dict()}, path)
+    for optimizer in (trained(1), torch.optim.AdamW([torch.nn.Parameter(torch.zeros(64))], lr=0.1)):
+        engine = HashingCheckpointEngine(inner=None)
+        engine.mapped = set()
+        before = _optimizer_tensors(optimizer)
+        optimizer.load_state_dict(engine.load(str(path), map_location="cpu")["optimizer"])
+        state = next(iter(optimizer.state.values()))
+        assert state["exp_avg"].untyped_storage().data_ptr() in engine.mapped  # file-backed
+        _own_loaded_state(optimizer, engine.mapped, before)
+        for (param_id, key), value in _optimizer_tensors(optimizer).items():
+            assert value.untyped_storage().data_ptr() not in engine.mapped
+            if before:  # the moments it had, now holding the loaded values
+                assert value is before[(param_id, key)]
+        expected = next(iter(saved.state.values()))
+        assert all(torch.equal(state[key], expected[key]) for key in ("exp_avg", "exp_avg_sq", "step"))
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ The files themselves (layout, manifests, verification, `latest`, pruning) belong
 A save (`save_checkpoint`, every rank calls it):
 1. every rank: `engine.save_checkpoint(checkpoints/.partial-<tag>, tag, save_latest=False)`;
    DeepSpeed's `torch.save` calls go through `HashingCheckpointEngine`, which writes each file
-   through a `HashingWriter` (sha256 computed from the bytes as they are written, never by reading
-   the file back) and fsyncs it in a thread while the next file is serialized;
+   through a `HashingWriter` (its xxh3_128 computed from the bytes as they are written, never by
+   reading the file back) and fsyncs it in a thread while the next file is serialized;
 2. every rank waits for its fsyncs; the ranks all_gather their files' manifest entries; rank 0
    writes `client_state.json`, then `manifest.json` (last; it hashes the few files DeepSpeed wrote
    past the engine, e.g. `zero_to_fp32.py`), renames `.partial-<tag>/<tag>` to `checkpoints/<tag>`,
@@ -24,12 +24,27 @@ and rank 0's thread publishes the checkpoint. Until then the folder is `.partial
 kill -9 during the write leaves the previous checkpoint the newest valid one. The caller waits
 for one background save (`BackgroundSave.wait`) before it starts the next.
 
-NOTE: torch's zip writer computes a CRC32 of every record (about as costly as the sha256); saves
-turn it off (`torch.serialization.set_crc32_options(False)`): the manifest's sha256 guards every
+NOTE: the snapshot's CPU buffers (`SnapshotBuffers`) are kept from one background save to the next,
+as torch DCP's async staging keeps its own: the thread hands them back once its files are written,
+and the next snapshot copies into them. Copying into memory already faulted in runs at memcpy
+speed; fresh buffers pay a page fault and the kernel's zeroing for every 4 KiB (on the bench shape,
+145 MB per rank: 67 ms of the 90 ms stall fresh, ~20 ms reused). The cost: every rank keeps one
+copy of its own checkpoint files' tensors (its optimizer shard, its experts, rank 0 the non-expert
+weights: ~16 B per parameter it holds with fp32 Adam) in CPU memory for the rest of the run, where
+a synchronous save or the first background save only needs it for the length of the write.
+
+NOTE: torch's zip writer computes a CRC32 of every record (about as costly as a sha256); saves
+turn it off (`torch.serialization.set_crc32_options(False)`): the manifest's digest guards every
 byte, and `torch.load` reads such files (only an external `unzip` would complain).
 
 Resume (`select_resume_checkpoint`) picks the newest checkpoint whose manifest verifies, as
-`latest_valid_checkpoint` does, with the hashing split over the ranks by bytes. torch is imported
+`latest_valid_checkpoint` does, with the hashing split over the ranks by bytes; `load_checkpoint`
+then loads it with DeepSpeed, whose reads go through `HashingCheckpointEngine.load`: zip files are
+mapped (`torch.load(mmap=True)`), not read into new memory, so DeepSpeed's `copy_` into the
+engine's parameters and fp32 partitions reads the page cache directly; the optimizer moments that
+torch's `Optimizer.load_state_dict` would adopt as they are (file-backed) are copied into the
+moments the engine already had (or new memory) before the call returns (`_own_loaded_state`): no
+tensor of the engine stays backed by a checkpoint file (which pruning deletes). torch is imported
 inside the functions.
 """
 
@@ -74,10 +89,48 @@ class SaveResult:
     """A background save: the seconds training waited (the snapshot); None for a synchronous one."""
 
 
+class SnapshotBuffers:
+    """The CPU buffers of a background save's snapshot, kept for the next one: the buffer of the
+    n-th tensor met in a file (by the file's name in the tag folder) is reused when the tensor
+    has the same shape, strides and dtype, and replaced otherwise."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, int], Any] = {}
+        self.file = ""
+        self.index = 0
+
+    def start_file(self, name: str) -> None:
+        self.file, self.index = name, 0
+
+    def copy(self, tensor: Any) -> Any:
+        """A CPU copy of `tensor` (detached) in this file's next buffer."""
+        import torch
+
+        key = (self.file, self.index)
+        self.index += 1
+        buffer = self.buffers.get(key)
+        if not (
+            buffer is not None and buffer.dtype == tensor.dtype and buffer.shape == tensor.shape
+            and buffer.stride() == tensor.stride()
+        ):  # fmt: skip
+            # NOTE: empty_like keeps the strides of a dense tensor (as clone() does) and makes a
+            # contiguous one otherwise; a buffer's strides are then its tensor's next time.
+            buffer = torch.empty_like(tensor, device="cpu")
+            if buffer.stride() != tensor.stride():
+                buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+            self.buffers[key] = buffer
+        with torch.no_grad():
+            buffer.copy_(tensor.detach())
+        return buffer
+
+    def nbytes(self) -> int:
+        return sum(int(b.untyped_storage().nbytes()) for b in self.buffers.values())
+
+
 class HashingCheckpointEngine:
     """Wraps the engine's DeepSpeed checkpoint engine (`engine.checkpoint_engine`) so that saves
     hash while writing (`mode` "hash") or only snapshot the state for a background write (`mode`
-    "snapshot"); with `mode` None, and for loads, it is the wrapped engine."""
+    "snapshot"), and loads map zip files (`load`); with `mode` None saves go to the wrapped engine."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -86,6 +139,9 @@ class HashingCheckpointEngine:
         self.entries: dict[str, dict[str, Any]] = {}
         self.fsyncs: list[Future[dict[str, Any]]] = []
         self.snapshots: list[tuple[Path, Any]] = []
+        self.buffers: SnapshotBuffers | None = None  # this snapshot's buffers
+        self.spare: SnapshotBuffers | None = None  # handed back by a finished background save
+        self.mapped: set[int] | None = None  # during `load_checkpoint`: storages of mapped files
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckpt-fsync")
         self.group: Any = None  # the background saves' gloo group, made at the first one
 
@@ -96,11 +152,25 @@ class HashingCheckpointEngine:
         if self.mode is None:
             self.inner.save(state_dict, path)
         elif self.mode == "snapshot":
-            self.snapshots.append((Path(path), _cpu_snapshot(state_dict)))
+            assert self.buffers is not None
+            self.buffers.start_file(Path(path).name)
+            self.snapshots.append((Path(path), _cpu_snapshot(state_dict, buffers=self.buffers)))
         else:
             writer = _write_hashed(state_dict, Path(path))
             self.fsyncs.append(self.pool.submit(writer.close))
             self.entries[self._rel(Path(path))] = writer.entry()
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        """DeepSpeed's `torch.load` of one checkpoint file: a zip file (every file our saves
+        write) is mapped, not read, while `load_checkpoint` collects the mapped storages; another
+        (DeepSpeed's legacy format) is read by the wrapped engine."""
+        import torch
+
+        if self.mapped is None or not _is_zip(path):
+            return self.inner.load(path, map_location=map_location)
+        state = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+        _collect_storages(state, self.mapped)
+        return state
 
     def preserves_storage_sharing(self) -> bool:
         # NOTE: in snapshot mode DeepSpeed must not clone first: `_cpu_snapshot` clones the same way
@@ -141,11 +211,36 @@ def hashing_engine(engine: Any) -> HashingCheckpointEngine:
     return current
 
 
-def _cpu_snapshot(item: Any, memo: dict[int, Any] | None = None) -> Any:
-    """A copy of `item` that no later optimizer step changes: every tensor cloned to CPU memory
-    (as DeepSpeed's `clone_tensors_for_torch_save` does), containers rebuilt, immutable values
-    shared and other values deep-copied. An object met twice is copied once (`memo`), so the
-    pickle keeps the original's sharing."""
+def _is_zip(path: str | Path) -> bool:
+    """Whether `path` is a zip file (torch.save's format since 1.6; `mmap=True` needs it)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def _collect_storages(item: Any, into: set[int]) -> None:
+    """The data pointers of the storages of every tensor in `item` (dicts, lists, tuples)."""
+    import torch
+
+    if isinstance(item, torch.Tensor):
+        into.add(item.untyped_storage().data_ptr())
+    elif isinstance(item, dict):
+        for value in item.values():
+            _collect_storages(value, into)
+    elif isinstance(item, (list, tuple)):
+        for value in item:
+            _collect_storages(value, into)
+
+
+def _cpu_snapshot(
+    item: Any, memo: dict[int, Any] | None = None, buffers: SnapshotBuffers | None = None
+) -> Any:
+    """A copy of `item` that no later optimizer step changes: every tensor copied to CPU memory
+    (as DeepSpeed's `clone_tensors_for_torch_save` does; into `buffers` when given), containers
+    rebuilt, immutable values shared and other values deep-copied. An object met twice is copied
+    once (`memo`), so the pickle keeps the original's sharing."""
     import enum
 
     import torch
@@ -160,15 +255,18 @@ def _cpu_snapshot(item: Any, memo: dict[int, Any] | None = None) -> Any:
     out: Any
     if isinstance(item, torch.Tensor):
         tensor = item.detach()
-        out = tensor.clone() if tensor.device.type == "cpu" else tensor.to("cpu")
+        if buffers is not None:
+            out = buffers.copy(tensor)
+        else:
+            out = tensor.clone() if tensor.device.type == "cpu" else tensor.to("cpu")
     elif isinstance(item, dict):
         out = copy.copy(item)  # the same mapping type (OrderedDict, defaultdict), values replaced
         for key, value in item.items():
-            out[key] = _cpu_snapshot(value, memo)
+            out[key] = _cpu_snapshot(value, memo, buffers)
     elif isinstance(item, list):
-        out = [_cpu_snapshot(v, memo) for v in item]
+        out = [_cpu_snapshot(v, memo, buffers) for v in item]
     elif isinstance(item, tuple):
-        values = [_cpu_snapshot(v, memo) for v in item]
+        values = [_cpu_snapshot(v, memo, buffers) for v in item]
         out = type(item)(*values) if hasattr(item, "_fields") else type(item)(values)
     else:
         out = copy.deepcopy(item, memo)
@@ -317,8 +415,19 @@ def start_background_save(
     hashing = hashing_engine(engine)
     if hashing.group is None and _distributed():
         hashing.group = dist.new_group(backend="gloo")  # every rank, at the same save
-    with hashing.recording("snapshot", partial / tag):
-        engine.save_checkpoint(str(partial), tag=tag, client_state=client_state, save_latest=False)
+    # NOTE: the previous background save's buffers only once its thread handed them back (its files
+    # are written); the caller never starts a save while one is unfinished, so this is the rule.
+    buffers, hashing.spare = hashing.spare or SnapshotBuffers(), None
+    kept = buffers.nbytes()
+    hashing.buffers = buffers
+    try:
+        with hashing.recording("snapshot", partial / tag):
+            engine.save_checkpoint(str(partial), tag=tag, client_state=client_state, save_latest=False)
+    finally:
+        hashing.buffers = None
+    if buffers.nbytes() != kept:
+        logger.info("background saves keep %.1f MB of CPU memory on this rank for their snapshots",
+                    buffers.nbytes() / 1e6)  # fmt: skip
     snapshots, folder = hashing.snapshots, partial / tag
     pending = BackgroundSave(tag, root / tag, step, started)
     client_state = copy.deepcopy(client_state)
@@ -328,10 +437,13 @@ def start_background_save(
         failure: str | None = None
         try:
             writers = []
-            for path, state in snapshots:
-                writers.append(_write_hashed(state, path))
-                mine[_relpath(path, folder)] = writers[-1].entry()
-            snapshots.clear()  # the CPU copies can go before the fsyncs
+            try:
+                for path, state in snapshots:
+                    writers.append(_write_hashed(state, path))
+                    mine[_relpath(path, folder)] = writers[-1].entry()
+            finally:
+                snapshots.clear()
+                hashing.spare = buffers  # written (or failed): the next snapshot may copy into them
             for writer in writers:
                 writer.close()
             if hold_save_s:
@@ -368,7 +480,7 @@ def start_background_save(
 
 
 def select_resume_checkpoint(run_dir: str | Path, rank: int, world_size: int) -> Path | None:
-    """The newest checkpoint whose manifest verifies (sha256 of every file), all ranks agreeing.
+    """The newest checkpoint whose manifest verifies (the digest of every file), all ranks agreeing.
 
     Every rank calls it. Rank 0 lists the candidates (one view of a shared filesystem); every rank
     hashes a share of each candidate's files, newest first, and the ranks all-reduce the verdict.
@@ -394,11 +506,77 @@ def select_resume_checkpoint(run_dir: str | Path, rank: int, world_size: int) ->
 
 
 def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
-    """Load weights, optimizer and scheduler from checkpoint folder `path`; returns its client state."""
+    """Load weights, optimizer and scheduler from checkpoint folder `path` (one that verified:
+    `select_resume_checkpoint`); returns its client state. The files are mapped, not read (see
+    the module docstring); no tensor of the engine stays backed by one when it returns."""
     folder = Path(path)
-    load_path, _ = engine.load_checkpoint(
-        str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder}")
+    hashing = hashing_engine(engine)
+    base = _base_optimizer(engine)
+    before = _optimizer_tensors(base)  # the moments now: the loaded ones are copied into them
+    hashing.mapped = set()
+    try:
+        load_path, _ = engine.load_checkpoint(
+            str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder}")
+        _own_loaded_state(base, hashing.mapped, before)
+    finally:
+        hashing.mapped = None
     return read_client_state(folder)
+
+
+def _base_optimizer(engine: Any) -> Any:
+    """The torch optimizer of `engine` (under ZeRO's wrapper: its `.optimizer`), or None."""
+    import torch
+
+    optimizer = getattr(engine, "optimizer", None)
+    inner = getattr(optimizer, "optimizer", None)
+    base = inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+    return base if isinstance(base, torch.optim.Optimizer) else None
+
+
+def _optimizer_tensors(optimizer: Any) -> dict[tuple[int, str], Any]:
+    """(id of the parameter, key) -> the state tensor, for every tensor of `optimizer.state`."""
+    import torch
+
+    if optimizer is None:
+        return {}
+    return {
+        (id(param), key): value
+        for param, state in optimizer.state.items()
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
+def _own_loaded_state(optimizer: Any, mapped: set[int], before: dict[tuple[int, str], Any]) -> None:
+    """Give the optimizer state tensors that a load left backed by a mapped checkpoint file memory
+    of their own: copied into the tensor the same state held before the load when it has the same
+    shape, dtype and device (memory already faulted in), or cloned.
+
+    NOTE: torch's `Optimizer.load_state_dict` adopts a loaded tensor of the parameter's dtype and
+    device as it is (`.to()` copies nothing), so the moments would otherwise stay file-backed:
+    private pages, so training never writes the file, but the mapping would keep the file alive
+    after pruning deletes it (on NFS a `.nfs*` file that keeps its folder), and the first step
+    would pay copy-on-write faults. DeepSpeed's other loads (`copy_` into parameters and fp32
+    partitions) leave nothing mapped.
+    """
+    import torch
+
+    if optimizer is None or not mapped:
+        return
+    with torch.no_grad():
+        for param, state in optimizer.state.items():
+            for key, value in list(state.items()):
+                if not (isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in mapped):
+                    continue
+                old = before.get((id(param), key))
+                if (
+                    old is not None and old.shape == value.shape and old.dtype == value.dtype
+                    and old.device == value.device and old.untyped_storage().data_ptr() not in mapped
+                ):  # fmt: skip
+                    old.copy_(value)
+                    state[key] = old
+                else:
+                    state[key] = value.clone()
