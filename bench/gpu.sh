@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check and benchmark, prepared for one H200 machine with NO network, at most 8 minutes:
+# The GPU check and benchmark, prepared for one H200 machine with NO network, about 10 minutes:
 # 1. the GPU tests (`pytest -m gpu`, tests/test_gpu.py, 200 s cap): bf16 training of the tiny MoE
 #    over NCCL, one rank per GPU, its checkpoints, a bitwise resume and the Hugging Face export;
 # 2. the benchmark: bf16 training of a ~0.9B-parameter MoE (8 experts, top-2, ep_size 1) with our
 #    dropless layer and with the stock DeepSpeed MoE layer, against its dense parent: tokens/s and
 #    MFU (989 TFLOP/s), each variant in its own process (80 s cap each), torch's fused AdamW as the
-#    worker builds it;
+#    worker builds it; then, for dense and dropless (40 s more each), one checkpoint of the trained
+#    state on the GPU through the worker's paths, in a run dir under $TMPDIR (or /tmp), deleted
+#    afterwards: the synchronous save's MB/s vs `dd conv=fsync` of the same bytes in the same
+#    folder, the background save's (training.async_save) stall vs the synchronous save, and the
+#    verified load (resume) vs `cat` of the files (rows `gpu checkpoint save|async stall|load`);
 # 3. the MoE layers alone in bf16 (`bench.moe_layer --device cuda`, 60 s cap): dropless vs stock
 #    (and stock without dropping, and the dense FFN of equal FLOPs), top-1 and top-2, 4k-64k tokens.
 #
@@ -68,8 +72,8 @@ env -u DS_ACCELERATOR PYTHONUNBUFFERED=1 timeout 200 "$PY" -m pytest -m gpu -q -
     tests/test_gpu.py 2>&1 | tee "$LOG" || rc=$?
 [ "$TESTS_ONLY" = 1 ] && { echo "== done in $(( $(date +%s) - START )) s (rc $rc)"; exit $rc; }
 
-echo "== $(date -u +%FT%TZ) training (dense, stock, dropless)"
-"$PY" -m bench.gpu_train --timeout 80 ${OUT:+--out "$OUT"} || rc=$?
+echo "== $(date -u +%FT%TZ) training (dense, stock, dropless) and checkpoints (dense, dropless)"
+"$PY" -m bench.gpu_train --timeout 80 --ckpt-timeout 40 ${OUT:+--out "$OUT"} || rc=$?
 
 echo "== $(date -u +%FT%TZ) MoE layers (bf16: dropless, stock, stock-nodrop, dense)"
 env -u DS_ACCELERATOR timeout 60 "$PY" -m bench.moe_layer --device cuda --dtype bf16 \

@@ -18,6 +18,26 @@ Variants (all the same shape; MoE: 8 experts, top-2, every block):
 MFU uses model FLOPs per token = 6 x (matmul parameters a token passes through: attention, the
 k routed experts' FFNs, the router, the tied LM head) + 12 x layers x d_model x seq (attention
 scores), the PaLM convention; the same nominal count for stock and dropless.
+
+Then, for `dense` and `dropless` (`--ckpt-variants`; stock's checkpoint is about dropless's size), the
+worker's checkpoint paths on the trained engine, whose state lives on the GPU (so every save
+includes the device->host copy), in a run dir under `$TMPDIR` (or /tmp), deleted afterwards;
+`--ckpt-repeats` times (1 on the GPU, 2 in `--dry`):
+- `gpu checkpoint save <variant>`: `worker.checkpoint.save_checkpoint` (hashes while writing,
+  fsyncs, manifest, rename), MB/s against `dd if=/dev/zero bs=1M count=<same MiB> conv=fsync` into
+  the same run dir (`bench.checkpoint`'s helper), run after the checkpoint is deleted;
+- `gpu checkpoint async stall <variant>`: `worker.checkpoint.start_background_save`
+  (`training.async_save`): the time until training could go on (the call: the snapshot into CPU
+  buffers, fresh ones in a run's first background save) against the synchronous save; the
+  background write is waited for before anything else runs;
+- `gpu checkpoint load <variant>`: `select_resume_checkpoint` (xxh3_128 of every file) +
+  `load_checkpoint` (the worker's resume) against `cat` of the same files (warm page cache).
+In each repeat: save, cat, load, delete, dd, background save, delete: one checkpoint's bytes on
+the disk at a time; every row's note gives them. A piece is skipped (named in the record's
+`ckpt.skipped`) when the variant's time limit (`--timeout` + `--ckpt-timeout`) leaves no room for
+it, estimated from the synchronous save (all of them when the disk lacks the space for one
+checkpoint); the child writes its record after training and after each piece, so a variant
+killed at its limit keeps what it measured (and is listed as failed).
 """
 
 from __future__ import annotations
@@ -25,12 +45,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,11 +62,14 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Result, markdown_table, write_results
+from bench.gpu_checkpoint import checkpoint_results, measure_checkpoints
 
 logger = logging.getLogger(__name__)
 
 PEAK_BF16_FLOPS = 989e12  # H200 SXM dense bf16 (vendor datasheet)
 VARIANTS = ("dense", "stock", "dropless")
+CKPT_VARIANTS = ("dense", "dropless")
+DEADLINE_MARGIN_S = 5.0  # the child's deadline: this long before its process is killed
 
 
 @dataclass(frozen=True)
@@ -58,6 +84,7 @@ class Shape:
     vocab: int
     steps: int
     warmup: int
+    ckpt_repeats: int
 
 
 # ~0.91 B parameters with 8 experts (dense parent ~0.20 B); 8k tokens per step.
@@ -65,9 +92,9 @@ class Shape:
 # cost grows with tokens^2 (capacity = k x tokens / experts): 8k tokens per micro-batch is a common
 # per-GPU size, where that dispatch costs about as much as the experts' own matmuls.
 GPU = Shape(d_model=1024, n_layers=12, n_heads=16, experts=8, top_k=2, seq=2048, micro_batch=4,
-            vocab=50368, steps=20, warmup=5)  # fmt: skip
+            vocab=50368, steps=20, warmup=5, ckpt_repeats=1)  # fmt: skip
 DRY = Shape(d_model=32, n_layers=2, n_heads=2, experts=4, top_k=2, seq=32, micro_batch=2, vocab=300, steps=2,
-            warmup=1)  # fmt: skip
+            warmup=1, ckpt_repeats=2)  # fmt: skip
 
 
 def run_config(shape: Shape, variant: str, gpu: bool) -> Any:
@@ -90,8 +117,19 @@ def model_flops_per_token(shape: Shape, variant: str) -> float:
     return 6.0 * (layers * per_layer + shape.vocab * d) + 12.0 * layers * d * shape.seq
 
 
-def measure_variant(shape: Shape, variant: str, gpu: bool) -> dict[str, Any]:
-    """One variant in this process: build, warm up, time `shape.steps` steps."""
+def measure_variant(
+    shape: Shape,
+    variant: str,
+    gpu: bool,
+    *,
+    emit: Callable[[dict[str, Any]], None] | None = None,
+    ckpt_dir: Path | None = None,
+    ckpt_repeats: int = 1,
+    deadline: float = math.inf,
+) -> dict[str, Any]:
+    """One variant in this process: build, warm up, time `shape.steps` steps; then, with `ckpt_dir`
+    (an empty run dir), the checkpoint paths (`measure_checkpoints`) until `deadline` (time.time()).
+    `emit` gets the record after training and after each checkpoint piece."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -149,7 +187,7 @@ def measure_variant(shape: Shape, variant: str, gpu: bool) -> dict[str, Any]:
     step_s = statistics.median(times)
     tokens = shape.micro_batch * shape.seq
     flops = model_flops_per_token(shape, variant) * tokens / step_s
-    return {
+    rec = {
         "variant": variant,
         "params": n_params,
         "build_s": round(build_s, 1),
@@ -163,6 +201,11 @@ def measure_variant(shape: Shape, variant: str, gpu: bool) -> dict[str, Any]:
         "last_loss": losses[-1],
         "device": torch.cuda.get_device_name(0) if gpu else "cpu",
     }
+    emit = emit or (lambda _rec: None)
+    emit(rec)
+    if ckpt_dir is not None:
+        measure_checkpoints(engine, ckpt_dir, rec, emit, sync=sync, repeats=ckpt_repeats, deadline=deadline)
+    return rec
 
 
 def results_from_records(records: list[dict[str, Any]]) -> list[Result]:
@@ -179,6 +222,8 @@ def results_from_records(records: list[dict[str, Any]]) -> list[Result]:
         baseline = None if dense is None or rec is dense else dense["tokens_per_s"]
         results.append(Result(f"gpu train {rec['variant']}", ours=rec["tokens_per_s"], baseline=baseline,
                               unit="tokens/s", note=note))  # fmt: skip
+    for rec in records:
+        results += checkpoint_results(rec)
     return results
 
 
@@ -191,44 +236,76 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)  # child process: one variant
     parser.add_argument("--record", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds per variant (150)")
+    parser.add_argument("--ckpt-variants", nargs="*", choices=VARIANTS, default=list(CKPT_VARIANTS),
+                        help="variants that also measure the checkpoint paths (dense dropless)")  # fmt: skip
+    parser.add_argument("--ckpt-timeout", type=float, default=60.0,
+                        help="seconds added to the time limit of a variant that saves (60)")  # fmt: skip
+    parser.add_argument("--ckpt-repeats", type=int, help="saves of each kind per variant (GPU 1, --dry 2)")
     parser.add_argument("--out", type=Path, help="also copy the result files into this folder")
+    parser.add_argument("--json-out", type=Path, help="also write the rows and records to this file")
+    parser.add_argument("--ckpt-dir", type=Path, help=argparse.SUPPRESS)  # child: its empty run dir
+    parser.add_argument("--deadline", type=float, default=math.inf, help=argparse.SUPPRESS)  # child: epoch s
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     shape = DRY if args.dry else GPU
+    repeats = args.ckpt_repeats or shape.ckpt_repeats
     if args.one:
-        rec = measure_variant(shape, args.one, gpu=not args.dry)
         assert args.record is not None
-        args.record.write_text(json.dumps(rec), encoding="utf-8")
+        record = args.record
+
+        def emit(rec: dict[str, Any]) -> None:  # atomically: the parent may kill this process any time
+            partial = record.with_suffix(".partial")
+            partial.write_text(json.dumps(rec), encoding="utf-8")
+            os.replace(partial, record)
+
+        measure_variant(shape, args.one, gpu=not args.dry, emit=emit, ckpt_dir=args.ckpt_dir,
+                        ckpt_repeats=repeats, deadline=args.deadline)  # fmt: skip
         return 0
     records: list[dict[str, Any]] = []
     failures: dict[str, str] = {}
+    # NOTE: the checkpoints go under this folder ($TMPDIR or /tmp), which goes even when a child is killed.
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         for variant in args.variants:
             path = Path(tmp) / f"{variant}.json"
-            argv_child = [sys.executable, "-m", "bench.gpu_train", "--one", variant, "--record", str(path)]
+            saves = variant in args.ckpt_variants
+            limit = args.timeout + (args.ckpt_timeout if saves else 0.0)
+            argv_child = [sys.executable, "-m", "bench.gpu_train", "--one", variant, "--record", str(path),
+                          "--deadline", f"{time.time() + limit - DEADLINE_MARGIN_S:.1f}"]  # fmt: skip
             argv_child += ["--dry"] if args.dry else []
+            run_dir = Path(tmp) / f"{variant}-run"
+            if saves:
+                run_dir.mkdir()
+                argv_child += ["--ckpt-dir", str(run_dir), "--ckpt-repeats", str(repeats)]
             start = time.perf_counter()
+            error = None
             try:
-                res = subprocess.run(
-                    argv_child, capture_output=True, text=True, timeout=args.timeout, check=False
-                )
+                res = subprocess.run(argv_child, capture_output=True, text=True, timeout=limit, check=False)
+                if res.returncode != 0:
+                    error = " | ".join(res.stderr.strip().splitlines()[-8:])
             except subprocess.TimeoutExpired:
-                failures[variant] = f"timed out after {args.timeout:.0f} s"
-                print(f"{variant}: {failures[variant]}", flush=True)
-                continue
-            if res.returncode != 0 or not path.exists():
-                failures[variant] = " | ".join(res.stderr.strip().splitlines()[-8:])
+                error = f"timed out after {limit:.0f} s"
+            finally:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            rec = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+            if error or rec is None:
+                # NOTE: a child that trained and then failed or ran out of time keeps its training rows.
+                where = "before its record" if rec is None else "after training"
+                failures[variant] = f"{error or 'no record'} ({where})"
                 print(f"{variant}: failed: {failures[variant]}", flush=True)
+            if rec is None:
                 continue
-            rec = json.loads(path.read_text(encoding="utf-8"))
             rec["process_s"] = round(time.perf_counter() - start, 1)
             records.append(rec)
             print(f"{variant}: {json.dumps(rec)}", flush=True)
     results = results_from_records(records)
     print(markdown_table(results))
+    if args.json_out:
+        doc = {"results": [r.to_dict() for r in results], "records": records, "failures": failures}
+        args.json_out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     if not args.dry and records:
         meta = {**asdict(shape), "precision": "bf16", "zero_stage": 2, "ep_size": 1, "gpus": 1,
-                "peak_flops": PEAK_BF16_FLOPS, "records": records, "failures": failures}  # fmt: skip
+                "peak_flops": PEAK_BF16_FLOPS, "ckpt_variants": args.ckpt_variants, "ckpt_repeats": repeats,
+                "records": records, "failures": failures}  # fmt: skip
         written = write_results("gpu-train", results, meta)
         print(f"wrote {written}")
         if args.out:

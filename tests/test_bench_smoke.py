@@ -109,8 +109,11 @@ def test_gpu_scripts_parse() -> None:
 def test_gpu_train_dry_trains_the_dense_parent_and_the_dropless_moe_on_cpu(tmp_path: Path) -> None:
     # NOTE: the stock layer's path (the same code with implementation "deepspeed") is left to
     # bench/gpu.sh --dry: each variant is a fresh process with DeepSpeed's ~10 s import.
+    out, tmp = tmp_path / "gpu.json", tmp_path / "tmp"
+    tmp.mkdir()
     res = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_train", "--dry", "--variants", "dense", "dropless"], cwd=REPO,
+        [sys.executable, "-m", "bench.gpu_train", "--dry", "--variants", "dense", "dropless",
+         "--json-out", str(out)], cwd=REPO, env={**os.environ, "TMPDIR": str(tmp)},
         capture_output=True, text=True, check=False, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
@@ -120,6 +123,21 @@ def test_gpu_train_dry_trains_the_dense_parent_and_the_dropless_moe_on_cpu(tmp_p
     assert records[0]["params"] < records[1]["params"]
     assert all(r["mfu"] is None and math.isfinite(r["last_loss"]) for r in records)
     assert "| gpu train dropless |" in res.stdout
+    # The worker's checkpoint paths, twice each (the second background save reuses the buffers).
+    for rec in records:
+        ck = rec["ckpt"]
+        assert ck["skipped"] == [] and Path(ck["dir"]).parent.parent == tmp
+        timings = ("save_s", "dd_s", "cat_s", "load_s", "async_stall_s", "async_save_s")
+        assert all(len(ck[k]) == 2 for k in timings)
+        # fp32 ZeRO-2 Adam: 4 weights + 4 master + 8 moments per parameter, and DeepSpeed's overhead.
+        assert ck["bytes"] >= 16 * rec["params"] and ck["files"] > 2
+    rows = {r.name: r for r in _rows(out)}
+    for variant in ("dense", "dropless"):
+        for kind, unit in (("save", "MB/s"), ("async stall", "ms wall"), ("load", "ms wall")):
+            row = rows[f"gpu checkpoint {kind} {variant}"]
+            assert row.unit == unit and row.ours > 0 and row.baseline and row.baseline > 0, row
+    # the checkpoints and the records went with the benchmark's temporary folder (torch keeps its caches)
+    assert list(tmp.glob("bench-gpu-*")) == []
 
 
 @pytest.mark.slow
