@@ -61,7 +61,7 @@ def measure(
             pulse = Pulse(rank=0, attempt_key=f"bench.{i}", configured_limit_s=None)
             dog = Watchdog(pulse, Path(tmp), heartbeat_s=heartbeat_s, on_stall=lambda p: None)
             dog.start()
-            pulse.arm(0)
+            pulse.training_starts(0)
             ours.append(run_steps(steps, buffer, chunks, pulse))
             dog.stop()
             n = 100_000

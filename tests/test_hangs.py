@@ -26,8 +26,8 @@ TINY_SLURM = str(REPO / "configs" / "tiny-slurm.yaml")
 NOW = 1_800_000_000.0
 
 
-def beat(rank: int, *, step: int = 10, phase: str = "collective", position: int = 100, idle: float = 5.0,
-         silent: float = 1.0, compute: list[float] | None = None, host: str | None = None,
+def beat(rank: int, *, step: int | None = 10, phase: str = "collective", position: int = 100,
+         idle: float = 5.0, silent: float = 1.0, compute: list[float] | None = None, host: str | None = None,
          **extra: Any) -> dict[str, Any]:  # fmt: skip
     return {
         "rank": rank, "host": host or f"n{rank + 1}", "pid": 1000 + rank, "step": step, "phase": phase,
@@ -60,6 +60,34 @@ def test_ranks_stopped_at_the_same_point_have_no_single_suspect() -> None:
     diag = heartbeats.diagnose(beats, NOW, heartbeat_s=2.0)
     assert diag.suspects == []
     assert diag.summary().startswith("no single suspect: every rank stopped at step 10, collective")
+
+
+def test_before_the_first_step_a_rank_without_a_heartbeat_is_the_suspect_on_its_node() -> None:
+    beats = {0: beat(0, step=None, phase="rendezvous", position=1, idle=12.0)}
+    diag = heartbeats.diagnose(beats, NOW, heartbeat_s=2.0, expected={0: "n1", 1: "n2"})
+    assert [(r.rank, r.host, r.heartbeat) for r in diag.suspects] == [(1, "n2", False)]
+    assert [r.rank for r in diag.waiting] == [0] and [r.rank for r in diag.missing] == [1]
+    expected = "suspect rank 1 on n2 (no heartbeat, step None): no heartbeat; waiting: rank 0"
+    assert diag.summary().startswith(expected)
+    suspect = diag.to_dict()["suspects"][0]
+    assert suspect["host"] == "n2" and suspect["idle_s"] is None and diag.to_dict()["missing"] == [1]
+
+
+def test_a_rank_still_starting_while_the_others_wait_in_the_rendezvous_is_the_suspect() -> None:
+    beats = {
+        0: beat(0, step=None, phase="rendezvous", position=1),
+        1: beat(1, step=None, phase="startup", position=0),
+    }
+    diag = heartbeats.diagnose(beats, NOW, heartbeat_s=2.0, expected={0: "n1", 1: "n1"})
+    assert [(r.rank, r.phase) for r in diag.suspects] == [(1, "startup")]
+    assert [r.rank for r in diag.waiting] == [0]
+
+
+def test_ranks_that_all_wait_in_the_rendezvous_have_no_suspect_and_all_wait() -> None:
+    beats = {r: beat(r, step=None, phase="rendezvous", position=1) for r in range(3)}
+    diag = heartbeats.diagnose(beats, NOW, heartbeat_s=2.0, expected={r: "n1" for r in range(3)})
+    assert diag.suspects == [] and [r.rank for r in diag.waiting] == [0, 1, 2]
+    assert diag.summary().startswith("no single suspect: every rank stopped at step None, rendezvous")
 
 
 def test_a_job_is_frozen_from_outside_only_when_every_heartbeat_is_silent_past_the_limit() -> None:
@@ -292,6 +320,10 @@ def test_fault_hooks_for_hangs_and_stragglers_parse() -> None:
     assert (inside.slow_rank, inside.slow_factor) == (1, 3.0)
     with pytest.raises(ValueError, match="hang_at_step:N:R"):
         Faults.parse("hang_forever")
+    startup = Faults.parse("hang_at_startup:1")
+    assert startup.hang_at_startup == 1 and startup.hang_at_step is None
+    startup.after_a_hang()
+    assert startup.hang_at_startup is None, "once per run: the resumed attempt starts"
 
 
 def test_the_derived_stall_limit_follows_the_slowest_step_save_or_eval_with_a_floor() -> None:
@@ -303,7 +335,78 @@ def test_the_derived_stall_limit_follows_the_slowest_step_save_or_eval_with_a_fl
     assert pulse.limit_s() == DERIVED_FLOOR_S
     pulse.saved(45.0)
     assert pulse.limit_s() == 450.0, "10x the slowest save"
-    assert Pulse(rank=0, attempt_key="1.0", configured_limit_s=20.0).limit_s() == 20.0
+    configured = Pulse(rank=0, attempt_key="1.0", configured_limit_s=20.0)
+    configured.step_done(1, 0.5, 0.1)
+    assert configured.limit_s() == 20.0
+
+
+def test_the_startup_limit_applies_from_the_workers_start_until_the_first_step() -> None:
+    from orchestrator.spec.schema import ClusterConfig
+    from worker.heartbeat import BEFORE_FIRST_STEP_S, Pulse
+
+    assert ClusterConfig().startup_timeout_s == BEFORE_FIRST_STEP_S
+    pulse = Pulse(rank=0, attempt_key="1.0", configured_limit_s=20.0, startup_limit_s=600.0)
+    assert pulse.armed and pulse.starting and pulse.limit_s() == 600.0, "armed before the rendezvous"
+    assert pulse.record()["stall_limit_s"] == 600.0, "watch reads the startup limit from the heartbeat"
+    started = pulse.last_progress
+    pulse.enter("rendezvous")
+    pulse.enter("model")
+    pulse.training_starts(0)
+    assert pulse.last_progress == started and pulse.step == 0, "training starting is not progress"
+    pulse.evaluated(2.0)
+    assert pulse.last_progress > started, "the eval at step 0 is progress"
+    pulse.step_done(1, 0.5, 0.1)
+    assert not pulse.starting and pulse.limit_s() == 20.0, "then the stall limit, unchanged"
+
+
+def test_the_watchdog_fires_on_a_rank_stuck_before_its_first_step(tmp_path: Path) -> None:
+    from worker.heartbeat import Pulse, Watchdog
+
+    pulse = Pulse(rank=1, attempt_key="1.0", configured_limit_s=None, startup_limit_s=0.3)
+    pulse.enter("rendezvous")
+    stalled: list[str] = []
+    dog = Watchdog(pulse, tmp_path, heartbeat_s=0.05, on_stall=lambda p: stalled.append(p.phase))
+    dog.start()
+    deadline = time.time() + 5.0
+    while not stalled and time.time() < deadline:
+        time.sleep(0.05)
+    dog.stop()
+    assert stalled == ["rendezvous"] and dog.fired
+    beat_file = heartbeats.read_heartbeats(tmp_path, "1.0")[1]
+    assert (beat_file["phase"], beat_file["stall_limit_s"], beat_file["step"]) == ("rendezvous", 0.3, None)
+
+
+def test_the_startup_limit_must_be_positive() -> None:
+    from pydantic import ValidationError
+
+    from orchestrator.spec.schema import ClusterConfig
+
+    assert ClusterConfig(startup_timeout_s=15).startup_timeout_s == 15.0
+    with pytest.raises(ValidationError, match="startup_timeout_s"):
+        ClusterConfig(startup_timeout_s=0)
+
+
+def test_every_rank_is_placed_on_its_node_in_blocks_for_the_hang_report() -> None:
+    from worker.dist import DistInfo
+    from worker.hang import rank_hosts
+
+    def info(world: int, nodes: list[str]) -> DistInfo:
+        return DistInfo(rank=0, world_size=world, local_rank=0, master_addr="n1", master_port=1,
+                        source="srun", job_id="7", nodes=nodes)  # fmt: skip
+
+    assert rank_hosts(info(4, ["n1", "n2"])) == {0: "n1", 1: "n1", 2: "n2", 3: "n2"}
+    assert rank_hosts(info(3, ["n1", "n2"])) == {0: "?", 1: "?", 2: "?"}, "a layout nobody can tell"
+
+
+def test_goodput_counts_the_phases_before_training_as_startup() -> None:
+    from worker.heartbeat import PHASES
+
+    assert PHASES[: len(heartbeats.STARTUP_PHASES)] == heartbeats.STARTUP_PHASES
+    events = _goodput_events()[:4]
+    split = {"startup": 4.0, "rendezvous": 3.0, "model": 2.0, "resume": 1.0}
+    events[3] = {**events[3], "ledger": {**events[3]["ledger"], **split}}
+    total, _ = goodput.compute(events, {})
+    assert total.startup_s == pytest.approx(2 * 10.0), "rendezvous, model and resume are startup too"
 
 
 def test_the_ledger_counts_each_phase_and_the_straggler_window_leaves_out_the_wait() -> None:

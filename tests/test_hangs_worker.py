@@ -1,7 +1,8 @@
 """Heartbeats, the stall watchdog and stragglers with real ranks (torchrun, 2 ranks over gloo, the
 tiny MoE), no scheduler: a rank stuck inside a collective that nobody else joins is found and named,
-and a rank made three times slower is flagged as a straggler. tests/test_hangs_slurm.py runs the
-hang outside a collective, the requeue and the resume on the real cluster."""
+so is a rank stuck before the rendezvous (under `cluster.startup_timeout_s`), and a rank made three
+times slower is flagged as a straggler. tests/test_hangs_slurm.py runs the hang outside a
+collective, the requeue and the resume on the real cluster."""
 
 from __future__ import annotations
 
@@ -53,6 +54,25 @@ def test_a_rank_stuck_inside_a_collective_is_named_and_every_rank_leaves_with_ex
     assert "in all_reduce" in rank1 and "_injected_hang" in rank1, rank1
     rank0 = (stacks / "rank-0.txt").read_text()
     assert "common_length" in rank0, "rank 0 waits in the next step's collective"
+
+
+def test_a_rank_stuck_before_the_rendezvous_is_named_within_the_startup_limit(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = launch(run_dir, "hang_at_startup:1", "cluster.startup_timeout_s=10", "cluster.heartbeat_s=1",
+                  timeout=120)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert out.count(f"exitcode  : {EXIT_HUNG}") == 2, out[-3000:]
+    (hang,) = events(run_dir, "hang")
+    assert hang["stage"] == "startup" and hang["stall_limit_s"] == 10.0 and hang["step"] is None
+    assert [(s["rank"], s["phase"]) for s in hang["suspects"]] == [(1, "startup")], hang
+    assert [(w["rank"], w["phase"]) for w in hang["waiting"]] == [(0, "rendezvous")]
+    assert hang["suspects"][0]["host"] == socket.gethostname()
+    (exited,) = events(run_dir, "exit")
+    assert exited["reason"] == "hung" and exited["requeued"] is False, "no scheduler here to requeue"
+    assert events(run_dir, "start") == [], "training never started"
+    stacks = run_dir / "attempts" / hang["attempt_key"] / "stacks"
+    assert "_injected_startup_hang" in (stacks / "rank-1.txt").read_text()
+    assert "init_distributed" in (stacks / "rank-0.txt").read_text(), "rank 0 waits for rank 1"
 
 
 def test_a_rank_three_times_slower_is_flagged_as_a_straggler_with_its_host(tmp_path: Path) -> None:

@@ -4,7 +4,9 @@
    `attempts/<key>/stacks/rank-<r>.txt`, under a header with its heartbeat.
 2. The first rank to claim `attempts/<key>/hang.claim` (O_EXCL; any rank, since rank 0 may be the
    stuck one) waits a moment for the others' heartbeats, reads them all, and writes the `hang`
-   event: the suspects (silent ranks, or those behind the others) and the ranks waiting for them.
+   event: the suspects (silent ranks, ranks that never wrote a heartbeat, or those behind the
+   others) and the ranks waiting for them; `stage` says whether it hung before the attempt's first
+   step (`startup`, under `cluster.startup_timeout_s`) or while training.
    Within `cluster.max_hangs` (hang events counted in events.jsonl) and with `cluster.requeue`, it
    asks the scheduler to keep the suspects' nodes out of the next run when the partition has
    enough other nodes (else it says the job retries on the same nodes) and requeues the job; it
@@ -65,6 +67,16 @@ def _claim(folder: Path) -> bool:
     return True
 
 
+def rank_hosts(info: DistInfo) -> dict[int, str]:
+    """Every rank's node as the launchers place them, in blocks of ranks per node (srun
+    `--ntasks-per-node`, torchrun `--nproc_per_node`); "?" where the node list does not tell."""
+    nodes = info.nodes
+    if nodes and info.world_size % len(nodes) == 0:
+        per_node = info.world_size // len(nodes)
+        return {r: nodes[r // per_node] for r in range(info.world_size)}
+    return dict.fromkeys(range(info.world_size), "?")
+
+
 def report_hang(run_dir: Path, pulse: Pulse, info: DistInfo, cluster: ClusterConfig) -> None:
     """The claiming rank: the `hang` and `exit` events, the exclusion and the requeue."""
     from worker.signals import running_job  # the scheduler's in-job side
@@ -72,7 +84,7 @@ def report_hang(run_dir: Path, pulse: Pulse, info: DistInfo, cluster: ClusterCon
     time.sleep(min(2.0 * cluster.heartbeat_s, 5.0))  # the others' last heartbeats and stacks
     detected = time.time()
     beats = read_heartbeats(run_dir, pulse.attempt_key)
-    diag = diagnose(beats, detected, heartbeat_s=cluster.heartbeat_s)
+    diag = diagnose(beats, detected, heartbeat_s=cluster.heartbeat_s, expected=rank_hosts(info))
     last_progress = max(
         (float(b.get("last_progress") or 0.0) for b in beats.values()), default=pulse.last_progress
     )
@@ -81,7 +93,7 @@ def report_hang(run_dir: Path, pulse: Pulse, info: DistInfo, cluster: ClusterCon
     job = running_job(info)
     exclusion = ""
     if within_budget and cluster.requeue:
-        suspects = sorted({r.host for r in diag.suspects})
+        suspects = sorted({r.host for r in diag.suspects} - {"?"})
         requeued = job.requeue()
         exclusion = job.exclude_next(suspects, max(1, len(info.nodes))) if requeued and suspects else ""
     else:
@@ -93,7 +105,8 @@ def report_hang(run_dir: Path, pulse: Pulse, info: DistInfo, cluster: ClusterCon
     )
     reports.append_event(
         run_dir, "hang", attempt_key=pulse.attempt_key, step=pulse.step, detected_by=f"rank {pulse.rank}",
-        stall_limit_s=round(pulse.limit_s(), 1), last_progress=last_progress,
+        stage="startup" if pulse.starting else "training", stall_limit_s=round(pulse.limit_s(), 1),
+        last_progress=last_progress,
         hang_s=round(detected - last_progress, 1),
         stacks=str(attempt_dir(run_dir, pulse.attempt_key) / "stacks"),
         note=note, **diag.to_dict(),

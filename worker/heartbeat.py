@@ -7,9 +7,12 @@ daemon thread, because the main thread may be blocked inside a collective: every
 once a second it checks that training made progress within the stall limit. When it did not, the
 watchdog calls `on_stall` (worker.hang), which never returns.
 
-The stall limit: `cluster.stall_timeout_s` when set; else derived from what this rank measured: the
-larger of `DERIVED_FLOOR_S` and `DERIVED_FACTOR` times its slowest step, save or eval so far, and
-`BEFORE_FIRST_STEP_S` until the first step (docs/design.md, "Hangs").
+The watchdog is armed from the worker's start: a rank stuck in the rendezvous, model loading, the
+checkpoint load or the first collective is a hang too. Until this attempt's first step the limit is
+`cluster.startup_timeout_s` (counted from the worker's start, or from the last progress: the eval
+at step 0); after it, `cluster.stall_timeout_s` when set, else derived from what this rank
+measured: the larger of `DERIVED_FLOOR_S` and `DERIVED_FACTOR` times its slowest step, save or eval
+so far (docs/design.md, "Hangs").
 
 The pulse also keeps this attempt's time ledger (seconds per phase since the process started), the
 cumulative time in optimizer steps (`train_s`) and the compute time of the last steps (the time
@@ -28,16 +31,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.rundir.heartbeats import STRAGGLER_WINDOW, heartbeat_path, write_heartbeat
+from orchestrator.rundir.heartbeats import STARTUP_PHASES, STRAGGLER_WINDOW, heartbeat_path, write_heartbeat
 
 logger = logging.getLogger(__name__)
 
 DERIVED_FLOOR_S = 300.0
 DERIVED_FACTOR = 10.0
 BEFORE_FIRST_STEP_S = 1800.0
+"""The startup limit of a pulse told none (`cluster.startup_timeout_s` defaults to the same)."""
 
 PHASES = (
-    "startup", "data", "forward", "backward", "optimizer", "collective", "logging", "checkpoint",
+    *STARTUP_PHASES, "data", "forward", "backward", "optimizer", "collective", "logging", "checkpoint",
     "eval", "export", "stopping", "hung", "done",
 )  # fmt: skip
 
@@ -57,10 +61,14 @@ def process_start_time() -> float:
 class Pulse:
     """What one rank's main thread is doing, read by its watchdog thread."""
 
-    def __init__(self, *, rank: int, attempt_key: str, configured_limit_s: float | None) -> None:
+    def __init__(
+        self, *, rank: int, attempt_key: str, configured_limit_s: float | None,
+        startup_limit_s: float = BEFORE_FIRST_STEP_S,
+    ) -> None:  # fmt: skip
         self.rank = rank
         self.attempt_key = attempt_key
         self.configured_limit_s = configured_limit_s
+        self.startup_limit_s = startup_limit_s
         # NOTE: SLURM's node name, which --exclude takes (fake nodes share one host name here).
         self.host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
         self.pid = os.getpid()
@@ -71,8 +79,11 @@ class Pulse:
         # NOTE: every key exists from the start, so the watchdog's copy never sees the dict grow.
         self.ledger: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self.step: int | None = None
+        # NOTE: from the worker's start, not the process's (`launched`): a caller that runs the
+        # worker in a long-lived process must not find it late already. Imports before it are not
+        # bounded here; a rank stuck in them writes no heartbeat, and its peers name it.
         self.last_progress = time.time()
-        self.armed = False
+        self.armed = True
         self.steps_done = 0
         self.train_s = 0.0
         self.max_step_s = self.max_save_s = self.max_eval_s = 0.0
@@ -87,11 +98,10 @@ class Pulse:
         self.phase, self.phase_since = phase, now
         self.position += 1
 
-    def arm(self, step: int) -> None:
-        """Training starts (after loading and resuming): stalls count from now."""
+    def training_starts(self, step: int) -> None:
+        """Training starts at `step` (after loading and resuming). The startup limit still applies
+        until the first step: the clock is not reset here."""
         self.step = step
-        self.last_progress = time.time()
-        self.armed = True
 
     def disarm(self) -> None:
         self.armed = False
@@ -116,11 +126,16 @@ class Pulse:
         self.error, self.failed_at = error, time.time()
 
     # --- either thread -------------------------------------------------------------------------
+    @property
+    def starting(self) -> bool:
+        """Before this attempt's first optimizer step: the startup limit applies."""
+        return self.steps_done == 0
+
     def limit_s(self) -> float:
+        if self.starting:
+            return self.startup_limit_s
         if self.configured_limit_s is not None:
             return self.configured_limit_s
-        if self.steps_done == 0:
-            return BEFORE_FIRST_STEP_S
         slowest = max(self.max_step_s, self.max_save_s, self.max_eval_s)
         return max(DERIVED_FLOOR_S, DERIVED_FACTOR * slowest)
 

@@ -320,7 +320,7 @@ class Trainer:
         last_saved = self.step if self.step > 0 else -1
         window_tokens, window_time = 0, 0.0
         if self.pulse is not None:
-            self.pulse.arm(self.step)
+            self.pulse.training_starts(self.step)
         while self.step < self.total_steps:
             self._injected_hang()
             started = time.perf_counter()

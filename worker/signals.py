@@ -26,6 +26,9 @@ Fault hooks for tests (`MOE_ORCH_FAULT`, comma-separated; every rank acts on the
   counts from the run's start), outside any collective, or inside one that no other rank joins;
   once per run (not when events.jsonl already has a `hang` event), so the resumed attempt trains
   on. The stall watchdog (worker.heartbeat, worker.hang) is what ends it.
+- `hang_at_startup:R`: rank R stops for good before `init_distributed` (its peers wait in the
+  rendezvous); once per run, like `hang_at_step`. The startup limit (`cluster.startup_timeout_s`)
+  ends it.
 - `slow_rank:R:F`: rank R takes F times as long for each step's compute (a straggler).
 """
 
@@ -71,6 +74,7 @@ class Faults:
     hang_at_step: int | None = None
     hang_rank: int = 0
     hang_in_collective: bool = False
+    hang_at_startup: int | None = None  # the rank that hangs before init_distributed
     slow_rank: int | None = None
     slow_factor: float = 1.0
 
@@ -95,19 +99,28 @@ class Faults:
                 faults.hang_at_step = int(parts[0])
                 faults.hang_rank = int(parts[1]) if len(parts) > 1 else 0
                 faults.hang_in_collective = len(parts) > 2 and parts[2] == "collective"
+            elif name == "hang_at_startup" and arg:
+                faults.hang_at_startup = int(arg)
             elif name == "slow_rank" and arg:
                 rank, _, factor = arg.partition(":")
                 faults.slow_rank, faults.slow_factor = int(rank), float(factor or 2.0)
             else:
                 raise ValueError(
                     f"MOE_ORCH_FAULT: unknown hook {item!r}; use crash_at_start, crash_at_step:N, "
-                    "hold_save:S, exit_without_progress, hang_at_step:N:R[:collective] or slow_rank:R:F"
+                    "hold_save:S, exit_without_progress, hang_at_step:N:R[:collective], hang_at_startup:R or "
+                    "slow_rank:R:F"
                 )
         return faults
 
     @classmethod
     def from_env(cls) -> Faults:
         return cls.parse(os.environ.get("MOE_ORCH_FAULT"))
+
+    def after_a_hang(self) -> None:
+        """The run already had a `hang` event: the injected hangs happen once per run, so the
+        resumed attempt trains on."""
+        self.hang_at_step = None
+        self.hang_at_startup = None
 
 
 @dataclass

@@ -4,7 +4,9 @@ Order of a run: rendezvous (worker.dist) -> the Trainer (worker.setup: tokenizer
 `deepspeed.initialize`, LR schedule) -> resume from the newest valid checkpoint -> the `start`
 event -> optimizer steps until `total_steps` (worker.loop: metrics, eval, checkpoints; on a signal,
 worker.stop) -> final eval and checkpoint -> peak RSS, process group torn down. An error is
-re-raised after rank 0 wrote an `exit` event with reason `failed`.
+re-raised after rank 0 wrote an `exit` event with reason `failed`. The stall watchdog runs from the
+start, under `cluster.startup_timeout_s` until the first step; the heartbeat's phases before
+training are `startup`, `rendezvous`, `model` and `resume` (worker.heartbeat).
 
 The step arithmetic (LR schedule, per-micro-batch seeds, data position) is in worker.schedule.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,22 +53,27 @@ def run(cfg: RunConfig, run_dir: str | Path, *, info: DistInfo | None = None) ->
     info = info or resolve_dist(os.environ, master_port=cfg.cluster.master_port)
     if cfg.cluster.continue_with == "chain" and info.is_main:  # continue_with: chain (worker/stop.py)
         signals.stop_before_time_limit(running_job(info), cfg.cluster.signal_delay_s)
-    if faults.hang_at_step is not None and any(e.get("event") == "hang" for e in read_events(run_path)):
-        faults.hang_at_step = None  # the injected hang happens once per run
+    injected = faults.hang_at_step is not None or faults.hang_at_startup is not None
+    if injected and any(e.get("event") == "hang" for e in read_events(run_path)):
+        faults.after_a_hang()
     pulse = Pulse(
-        rank=info.rank, attempt_key=info.attempt_key, configured_limit_s=cfg.cluster.stall_timeout_s
-    )
+        rank=info.rank, attempt_key=info.attempt_key, configured_limit_s=cfg.cluster.stall_timeout_s,
+        startup_limit_s=cfg.cluster.startup_timeout_s,
+    )  # fmt: skip
     watchdog = Watchdog(
         pulse, run_path, heartbeat_s=cfg.cluster.heartbeat_s,
         on_stall=functools.partial(handle_stall, run_path, info, cfg.cluster),
         on_beat=functools.partial(report_stragglers, run_path, cfg.cluster) if info.is_main else None,
     )  # fmt: skip
     watchdog.start()
+    if faults.hang_at_startup == info.rank:
+        _injected_startup_hang(info.rank)
     use_gpu = cfg.cluster.gpus_per_node > 0
     if not use_gpu:
         keep_freed_memory()  # CPU ranks reuse each step's large temporaries (worker/malloc.py)
     # NOTE: NCCL collectives time out as the job script says (orchestrator/spec/launch.py).
     timeout_s = collective_timeout_from_env(os.environ, cfg) if use_gpu else None
+    pulse.enter("rendezvous")
     init_distributed(
         info, num_threads=cfg.training.num_threads or cfg.cluster.cpus_per_task, use_gpu=use_gpu,
         timeout_s=timeout_s,
@@ -73,6 +81,7 @@ def run(cfg: RunConfig, run_dir: str | Path, *, info: DistInfo | None = None) ->
     reporter: Reporter | None = None
     trainer: Trainer | None = None
     try:
+        pulse.enter("model")  # the engine, and a reshard of a checkpoint of another topology
         cfg = fit_world(cfg, info)
         plan = plan_resume(cfg, run_path, info)  # reshards a checkpoint of another topology
         cfg = plan.cfg
@@ -83,6 +92,7 @@ def run(cfg: RunConfig, run_dir: str | Path, *, info: DistInfo | None = None) ->
 
             trainer.fault_group = tdist.new_group(backend="gloo")
         reporter = trainer.reporter
+        pulse.enter("resume")
         previous = read_progress(run_path) if info.is_main else None
         tag, resumed_step = resume_from_checkpoint(trainer, plan)
         redone = max(0, int(previous["step"]) - resumed_step) if previous else 0
@@ -145,6 +155,13 @@ def run(cfg: RunConfig, run_dir: str | Path, *, info: DistInfo | None = None) ->
             except OSError:
                 logger.exception("could not write the exit event")
         raise
+
+
+def _injected_startup_hang(rank: int) -> None:
+    """MOE_ORCH_FAULT `hang_at_startup:R`: this rank stops for good before the rendezvous."""
+    logger.warning("MOE_ORCH_FAULT: rank %d hangs before init_distributed", rank)
+    while True:
+        time.sleep(3600)
 
 
 BACKGROUND_SAVE_GRACE_S = 120.0

@@ -103,7 +103,9 @@ def nodes_to_exclude(run_dir: Path, rec: RunRecord) -> tuple[list[str], str]:
         return [], ""
     hosts: list[str] = []
     if cur.stop_reason == StopReason.HUNG and cur.hang:
-        hosts += [str(s.get("host")) for s in cur.hang.get("suspects") or [] if s.get("host")]
+        # NOTE: "?" is a rank whose node nobody could tell (no heartbeat, an odd layout).
+        suspects = cur.hang.get("suspects") or []
+        hosts += [str(s["host"]) for s in suspects if s.get("host") not in (None, "", "?")]
     if rec.budgets.get("exclude_stragglers"):
         hosts += [str(s.get("host")) for s in cur.stragglers if s.get("host")]
     hosts = sorted(set(hosts) - set(rec.excluded_nodes))

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.rundir import reports
-from orchestrator.rundir.heartbeats import read_heartbeats
+from orchestrator.rundir.heartbeats import STARTUP_PHASES, read_heartbeats
 
 STEP_PHASES = ("data", "forward", "backward", "optimizer", "collective")
 OTHER_PHASES = ("logging", "stopping", "export", "done", "hung")
@@ -173,7 +173,7 @@ def compute(
         waits_from = [t for t in ((submitted or {}).get(att.key), att.previous_end) if t is not None]
         g.queue_s = max(0.0, att.launched - max(waits_from)) if waits_from else 0.0
         ledger = dict(att.ledger or {})
-        g.startup_s = ledger.get("startup", 0.0) * r
+        g.startup_s = sum(ledger.get(p, 0.0) for p in STARTUP_PHASES) * r
         g.checkpoint_s = ledger.get("checkpoint", 0.0) * r
         g.eval_s = ledger.get("eval", 0.0) * r
         g.other_s = sum(ledger.get(p, 0.0) for p in OTHER_PHASES) * r

@@ -30,8 +30,17 @@ ATTEMPTS = "attempts"
 HEARTBEATS = "heartbeats"
 STACKS = "stacks"
 
-COLLECTIVE_PHASES = frozenset({"collective"})
-"""Phases in which a rank waits for its peers by construction (the step's all-reduce)."""
+STARTUP_PHASES = ("startup", "rendezvous", "model", "resume")
+"""The phases before training: setup, `init_distributed`, the engine (and a reshard of a checkpoint
+of another topology), loading the checkpoint."""
+
+COLLECTIVE_PHASES = frozenset({"collective", "rendezvous"})
+"""Phases in which a rank waits for its peers by construction (the step's all-reduce, and the
+rendezvous of `init_distributed` before training)."""
+
+NO_HEARTBEAT = "no heartbeat"
+"""The phase shown for a rank that never wrote a heartbeat this attempt (stuck before its watchdog
+started: imports on a stuck filesystem, a process that never began)."""
 
 SILENT_AFTER_BEATS = 3
 """A rank whose heartbeat file is older than this many intervals (plus `SILENT_SLACK_S`) is silent:
@@ -108,8 +117,17 @@ class RankState:
     position: int
     idle_s: float  # since its last progress
     silent_s: float  # since its heartbeat was last written
+    heartbeat: bool = True  # False: it wrote none (idle_s and silent_s then mean nothing)
+
+    @classmethod
+    def without_heartbeat(cls, rank: int, host: str) -> RankState:
+        return cls(rank=rank, host=host, pid=None, step=None, phase=NO_HEARTBEAT, position=-1, idle_s=0.0,
+                   silent_s=0.0, heartbeat=False)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
+        if not self.heartbeat:
+            return {"rank": self.rank, "host": self.host, "pid": None, "step": None, "phase": self.phase,
+                    "position": None, "idle_s": None, "silent_s": None}  # fmt: skip
         return {
             "rank": self.rank, "host": self.host, "pid": self.pid, "step": self.step, "phase": self.phase,
             "position": self.position, "idle_s": round(self.idle_s, 1), "silent_s": round(self.silent_s, 1),
@@ -120,7 +138,8 @@ class RankState:
 class Diagnosis:
     """Who stopped the attempt and who waits for it.
 
-    - `silent`: ranks whose heartbeat file stopped being written (process frozen or gone);
+    - `silent`: ranks whose heartbeat file stopped being written (process frozen or gone), and
+      the expected ranks that never wrote one (`missing`);
     - `suspects`: the silent ranks, else the ranks furthest behind (lowest position) when the
       ranks are not all at the same point; empty when nothing tells them apart;
     - `waiting`: the other ranks that sit in a collective (the step's all-reduce) or further on,
@@ -131,6 +150,7 @@ class Diagnosis:
     suspects: list[RankState] = field(default_factory=list)
     waiting: list[RankState] = field(default_factory=list)
     silent: list[RankState] = field(default_factory=list)
+    missing: list[RankState] = field(default_factory=list)
 
     @property
     def last_progress_age_s(self) -> float:
@@ -142,7 +162,10 @@ class Diagnosis:
             return ", ".join(f"rank {r.rank} on {r.host} ({r.phase}, step {r.step})" for r in rs)
 
         if self.suspects:
-            why = "silent" if self.silent else "behind the others"
+            if all(not r.heartbeat for r in self.suspects):
+                why = "no heartbeat"
+            else:
+                why = "silent" if self.silent else "behind the others"
             text = f"suspect {names(self.suspects)}: {why}"
         else:
             where = sorted({(str(r.step), r.phase) for r in self.ranks})
@@ -157,6 +180,7 @@ class Diagnosis:
             "suspects": [r.to_dict() for r in self.suspects],
             "waiting": [r.to_dict() for r in self.waiting],
             "silent": [r.rank for r in self.silent],
+            "missing": [r.rank for r in self.missing],
             "summary": self.summary(),
         }
 
@@ -187,11 +211,19 @@ def silent_after_s(heartbeat_s: float) -> float:
     return SILENT_AFTER_BEATS * heartbeat_s + SILENT_SLACK_S
 
 
-def diagnose(beats: Mapping[int, Mapping[str, Any]], now: float, *, heartbeat_s: float) -> Diagnosis:
-    """Tell the stuck ranks from the waiting ones, from the heartbeats alone."""
+def diagnose(
+    beats: Mapping[int, Mapping[str, Any]], now: float, *, heartbeat_s: float,
+    expected: Mapping[int, str] | None = None,
+) -> Diagnosis:  # fmt: skip
+    """Tell the stuck ranks from the waiting ones, from the heartbeats alone. `expected` (every
+    rank of the job and its host) makes a rank without a heartbeat a suspect: before the first
+    step a rank stuck before its watchdog started has none."""
     ranks = rank_states(beats, now)
-    silent = [r for r in ranks if r.silent_s > silent_after_s(heartbeat_s)]
-    if silent and len(silent) < len(ranks):
+    expected = expected or {}
+    missing = [RankState.without_heartbeat(r, expected[r]) for r in sorted(expected) if r not in beats]
+    silent = missing + [r for r in ranks if r.silent_s > silent_after_s(heartbeat_s)]
+    everyone = len(ranks) + len(missing)
+    if silent and len(silent) < everyone:
         suspects = silent
     else:
         lowest = min((r.position for r in ranks), default=0)
@@ -199,7 +231,7 @@ def diagnose(beats: Mapping[int, Mapping[str, Any]], now: float, *, heartbeat_s:
         suspects = behind if len(behind) < len(ranks) else []
     suspect_ranks = {r.rank for r in suspects}
     waiting = [r for r in ranks if r.rank not in suspect_ranks and (suspects or r.phase in COLLECTIVE_PHASES)]
-    return Diagnosis(ranks=ranks, suspects=suspects, waiting=waiting, silent=silent)
+    return Diagnosis(ranks=ranks, suspects=suspects, waiting=waiting, silent=silent, missing=missing)
 
 
 def stall_limit_s(beats: Mapping[int, Mapping[str, Any]], configured: float | None) -> float | None:

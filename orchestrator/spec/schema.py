@@ -150,8 +150,16 @@ class ClusterConfig(_Section):
     it writes every thread's stack to `attempts/<n>/stacks/`, records a `hang` event naming the
     stale ranks, and ends the attempt (stop reason `hung`) so that it is requeued and resumes from
     the latest valid checkpoint. Unset derives it while training: the larger of 300 s and 10x the
-    slowest step or checkpoint save measured so far (before the first step: 1,800 s, which covers
-    model loading). `watch` applies the same limit to heartbeats from outside the job."""
+    slowest step or checkpoint save measured so far. It applies from each attempt's first step;
+    before it, `startup_timeout_s` does. `watch` applies the same limit to heartbeats from outside
+    the job."""
+
+    startup_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
+    """Seconds from a rank's start to the attempt's first optimizer step (without progress: the
+    eval at step 0 restarts the count) after which the attempt is hung, as for `stall_timeout_s`:
+    it bounds a rank stuck in the rendezvous, model loading, the checkpoint load or the first
+    collective. The suspects are the ranks that wrote no heartbeat or are behind the others. Raise
+    it for a model whose loading and first step take longer."""
 
     max_hangs: Annotated[int, Field(ge=0)] = 2
     """How many hung attempts are requeued before the run stops as failed (their own budget,
