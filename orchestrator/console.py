@@ -1,6 +1,6 @@
 """The CLI's rich pieces, imported when first used: `out` (the console), `Console`, `Table`,
 `Text`: only for the tables of `configs` and `status SWEEP` and for `--watch` (plain lines go
-through click: `orchestrator/cli.py`).
+through click: `orchestrator/cli/shared.py`).
 
 `import rich.console` alone costs about as much as starting the interpreter, and `moe-orch --help`
 or a failing `validate` never draws a table. For the type checker these names are rich's own

@@ -23,7 +23,7 @@ text (a `PIP_INDEX_URL` with credentials).
 
 Where text leaves the process, it goes through here: `moe-orch logs` (`lifecycle/logs.py`), `status`
 and `status --json` (`lifecycle/status.py`), the bundle (`lifecycle/bundle.py`), the CLI's error,
-warning and output lines and its log records (`cli.py`), and the worker's `exit` event `error`
+warning and output lines and its log records (`cli/`), and the worker's `exit` event `error`
 (`worker/train.py`). The files of a run directory itself are protected by its mode instead
 (`orchestrator/rundir/access.py`): the job needs them as written.
 

@@ -1,6 +1,7 @@
 """`sweep` against a fake SLURM: the grid, the validation of every element, ONE array submission,
 the sweep folder, the array job ids in the scheduler's output, `status SWEEP` (also for 100
-elements, under a second), `cancel SWEEP`, `logs SWEEP --element`, and `--dry-run`."""
+elements, under a second), a sweep's one row in the plain `status` table, `cancel SWEEP`,
+`logs SWEEP --element`, and `--dry-run`."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ from typer.testing import CliRunner
 from orchestrator.backends.slurm import scheduler
 from orchestrator.cli import app
 from orchestrator.errors import ConfigError
-from orchestrator.lifecycle import sweep
+from orchestrator.lifecycle import status, sweep, sweep_ops
 from orchestrator.lifecycle.logs import _FILE_RE
 from orchestrator.rundir import reports, runs, sweeps
-from orchestrator.rundir.runs import RunState
+from orchestrator.rundir.runs import Attempt, AttemptState, RunRecord, RunState, StopReason
 from worker.dist import resolve_dist
 
 TINY_SLURM = str(REPO / "configs" / "tiny-slurm.yaml")
@@ -160,7 +161,7 @@ def test_array_task_ids_in_squeue_sacct_and_log_names() -> None:
 def test_a_poll_asks_squeue_for_every_array_task_one_per_line(fake: FakeSlurm, tmp_path: Path) -> None:
     sweep_dir = _sweep(tmp_path)
     fake.set_state("100_1", "RUNNING")
-    sweep.sweep_status(sweep_dir)
+    sweep_ops.sweep_status(sweep_dir)
     (squeue,) = [c for c in fake.calls if c[0] == "squeue"]
     assert "-r" in squeue and squeue[squeue.index("-j") + 1] == "100_0,100_1,100_2,100_3"
     assert fake.count("sacct") == 1
@@ -194,7 +195,7 @@ def test_status_sweep_has_a_row_per_element_and_marks_the_lowest_eval_loss(
     fake: FakeSlurm, tmp_path: Path
 ) -> None:
     sweep_dir = _sweep(tmp_path)
-    dirs = sweep.element_dirs(sweep_dir)
+    dirs = sweep_ops.element_dirs(sweep_dir)
     for run_dir, loss in zip(dirs[:3], (2.5, 1.25, 3.0), strict=True):
         _finish(run_dir, 30, loss)
     result = runner.invoke(app, ["status", sweep_dir.name, "--json", "--home", str(tmp_path)])
@@ -229,9 +230,95 @@ def test_status_of_a_sweep_of_100_elements_takes_under_a_second(fake: FakeSlurm,
     assert took < 1.0, f"status SWEEP of 100 elements took {took:.2f} s"
 
 
+# --- the plain `status` table: one row per sweep ---------------------------------------------------
+
+TABLE_HEADER = ["run", "state", "attempts", "step", "progress", "loss", "tokens/s", "eta", "age"]
+
+
+def _completed(fake: FakeSlurm, run_dir: Path, eval_loss: float) -> None:
+    """An element that finished: its worker's events, and SLURM's final record of its job."""
+    _finish(run_dir, 30, eval_loss)
+    job = runs.read_run(run_dir).attempts[0].job_id
+    assert job is not None
+    fake.set_state(job, None)  # gone from squeue
+    fake.add_acct(job, "COMPLETED")
+
+
+def _local_run(home: Path, name: str, *, created: float) -> str:
+    """A completed local run beside the sweep (ended 30 s after it was created)."""
+    run_id = runs.new_run_id(name, now=created)
+    run_dir = home / run_id
+    run_dir.mkdir()
+    attempt = Attempt(
+        number=1, job_id="1", attempt_key="1.0", submitted=created, started=created + 1, ended=created + 30,
+        state=AttemptState.ENDED, stop_reason=StopReason.COMPLETED,
+    )  # fmt: skip
+    rec = RunRecord(
+        run_id=run_id, name=name, config_hash="x", created=created, executor="local", run_dir=str(run_dir),
+        home=str(home), attempts=[attempt], state=RunState.COMPLETED,
+    )  # fmt: skip
+    runs.write_run(run_dir, rec)
+    return run_id
+
+
+def _cells(header: str, line: str) -> list[str]:
+    """A table line cut at the header's column starts."""
+    starts = [i for i, c in enumerate(header) if c != " " and (i == 0 or header[i - 1] == " ")]
+    return [line[a:b] for a, b in zip(starts, [*starts[1:], None], strict=True)]
+
+
+def test_the_status_table_shows_a_sweep_as_one_row_that_counts_its_elements(
+    fake: FakeSlurm, tmp_path: Path
+) -> None:
+    older = _local_run(tmp_path, "older", created=time.time() - 7200)
+    sweep_dir = _sweep(tmp_path)  # 4 elements: array job 100
+    dirs = sweep_ops.element_dirs(sweep_dir)
+    _completed(fake, dirs[0], 2.5)
+    _completed(fake, dirs[1], 1.25)
+    fake.set_state("100_2", "RUNNING")  # element 3 is still pending
+    result = runner.invoke(app, ["status", "--home", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    header, *lines = result.stdout.splitlines()
+    assert header.split() == TABLE_HEADER, "the same columns as a home without sweeps"
+    assert [line.split()[0] for line in lines] == [older, sweep_dir.name], "no row per element"
+    row = dict(zip(TABLE_HEADER, (cell.strip() for cell in _cells(header, lines[1])), strict=True))
+    assert row == {
+        "run": sweep_dir.name, "state": "sweep", "attempts": "4",
+        "step": "1 pending, 1 running, 2 completed",  # the elements, by state
+        "progress": "██████░░░░░░",  # 2 of 4 elements finished
+        "loss": "eval 1.2500",  # the lowest eval loss (`status SWEEP` names the element)
+        "tokens/s": "-", "eta": "-", "age": row["age"],
+    }  # fmt: skip
+    assert fake.count("squeue") == 1 and fake.count("sacct") == 1, "one query for the runs and all elements"
+
+
+def test_a_finished_sweep_comes_from_the_row_cache_and_counts_as_one_finished_run(
+    fake: FakeSlurm, tmp_path: Path
+) -> None:
+    sweep_dir = _sweep(tmp_path)
+    for run_dir, loss in zip(sweep_ops.element_dirs(sweep_dir), (2.5, 1.25, 3.0, 2.0), strict=True):
+        _completed(fake, run_dir, loss)
+    cold = status.list_status(tmp_path)
+    (row,) = cold.rows
+    assert (row["state"], row["step"], row["loss"]) == ("sweep", "4 completed", "eval 1.2500")
+    assert cold.polled == 4
+    # Every element is final and settled: its row (and eval loss) is cached like a finished run's,
+    # and the next `status` asks the scheduler nothing.
+    queries = fake.count("squeue") + fake.count("sacct")
+    warm = status.list_status(tmp_path)
+    assert (warm.polled, warm.cached) == (0, 4)
+    assert [{**r, "age": ""} for r in warm.rows] == [{**r, "age": ""} for r in cold.rows]
+    assert fake.count("squeue") + fake.count("sacct") == queries
+    # A finished sweep is one finished entry among the runs: with a newer finished run and room
+    # for one, it is the one left out.
+    newer = _local_run(tmp_path, "newer", created=time.time() + 60)
+    latest = status.list_status(tmp_path, recent=1)
+    assert [r["run"] for r in latest.rows] == [newer] and latest.hidden_finished == 1
+
+
 def test_cancel_sweep_cancels_every_element_and_logs_take_an_element(fake: FakeSlurm, tmp_path: Path) -> None:
     sweep_dir = _sweep(tmp_path)
-    dirs = sweep.element_dirs(sweep_dir)
+    dirs = sweep_ops.element_dirs(sweep_dir)
     _finish(dirs[0], 30, 1.0)
     runner.invoke(app, ["status", sweep_dir.name, "--home", str(tmp_path)])  # element 0: completed
     (dirs[2] / "logs" / "100_2_0_log.out").write_text("hello from element 2\n")
@@ -270,7 +357,7 @@ def test_watch_follows_the_elements_of_a_sweep_by_name_and_by_default(
     fake: FakeSlurm, tmp_path: Path
 ) -> None:
     sweep_dir = _sweep(tmp_path)
-    names = [d.name for d in sweep.element_dirs(sweep_dir)]
+    names = [d.name for d in sweep_ops.element_dirs(sweep_dir)]
     for args in (["watch", sweep_dir.name], ["watch"]):
         result = runner.invoke(app, [*args, "--once", "--home", str(tmp_path)])
         assert result.exit_code == 0, result.output

@@ -31,7 +31,7 @@ def test_wheel_contains_templates_configs_and_sample_data(wheel: Path) -> None:
     for config in sorted((REPO / "configs").glob("*.yaml")):
         assert f"orchestrator/_data/configs/{config.name}" in names
     assert "orchestrator/_data/configs/data/qa_sample.jsonl" in names
-    assert "orchestrator/cli.py" in names and "worker/__main__.py" in names
+    assert "orchestrator/cli/__init__.py" in names and "worker/__main__.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "moe-orch = orchestrator.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

@@ -1,11 +1,18 @@
 """`status`: describe runs refreshed by `poll.py` (the table of all runs, one run in detail).
 
-`list_status` is the table of `moe-orch status`: the runs that are not finished are polled; a
-finished run that has nothing left to ask (its row cannot change) is read once and its row kept
-in `<home>/.status-rows.json` (this module's file: `{"version", "runs": {run_id: {"run_mtime_ns",
-"events_mtime_ns", "ended", "created", "row"}}}`), valid while its run.json and events.jsonl keep
-their mtimes. By default the table holds the active runs and the `RECENT_FINISHED` most recently
-ended ones; `--all` every run.
+`list_status` is the table of `moe-orch status` (`table_lines` as text): the runs that are not
+finished are polled; a finished run that has nothing left to ask (its row cannot change) is read
+once and its row kept in `<home>/.status-rows.json` (this module's file: `{"version", "runs":
+{run_id: {"run_mtime_ns", "events_mtime_ns", "ended", "created", "row", "eval_loss" (sweep
+elements)}}}`), valid while its run.json and events.jsonl keep their mtimes. By default the table
+holds the active runs and the `RECENT_FINISHED` most recently ended ones; `--all` every run.
+
+A sweep (`rundir/sweeps.py`) is one row among the runs, in the order of its id's stamp: state
+`sweep`, attempts summed over its elements, step its elements counted by state (`1 pending, 1
+running, 2 completed`), progress its finished elements, loss its lowest eval loss (`eval 1.2500`;
+`status SWEEP` names the element). Its elements go through the same poll and row cache as runs,
+so a finished sweep costs a read of sweep.json and two stats per element; it counts as finished
+(for the `RECENT_FINISHED` runs shown) once every element is.
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ from typing import Any
 
 from orchestrator.backends import backend_for
 from orchestrator.lifecycle.poll import RunView, needs_refresh, poll
+from orchestrator.lifecycle.sweep_ops import last_eval_loss
 from orchestrator.redact import redact_values
-from orchestrator.rundir import checkpoints, goodput, heartbeats, reports, runs
+from orchestrator.rundir import checkpoints, goodput, heartbeats, reports, runs, sweeps
 from orchestrator.rundir.atomic import atomic_write_text
-from orchestrator.rundir.runs import AttemptState, RunRecord, RunState, StopReason
+from orchestrator.rundir.runs import FINAL_STATES, AttemptState, RunRecord, RunState, StopReason
+from orchestrator.rundir.sweeps import SweepRecord
 
 logger = logging.getLogger(__name__)
 
@@ -137,41 +146,84 @@ def _ended(rec: RunRecord) -> float:
     return max(ends) if ends else rec.updated or rec.created
 
 
+def _cached(cache: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
+    """The run's cache entry while its run.json and events.jsonl keep the mtimes it was made with."""
+    hit = cache.get(run_dir.name)
+    if (
+        isinstance(hit, dict)
+        and hit.get("run_mtime_ns") == _mtime_ns(run_dir / runs.RUN_FILE)
+        and hit.get("events_mtime_ns") == _mtime_ns(reports.events_path(run_dir))
+    ):
+        return hit
+    return None
+
+
+def _sweeps(home: Path) -> list[tuple[Path, SweepRecord]]:
+    found = []
+    for sweep_dir in sweeps.list_sweeps(home):
+        try:
+            found.append((sweep_dir, sweeps.read_sweep(sweep_dir)))
+        except Exception as exc:  # a broken sweep.json must not hide the runs
+            logger.warning("skipping %s: %s", sweep_dir, exc)
+    return found
+
+
+def _id_stamp(path: Path) -> tuple[str, str]:
+    # NOTE: runs.list_runs's order (the id's `-YYYYmmdd-HHMMSS-` stamp, then the name); a sweep id
+    # is made like a run id.
+    return "-".join(path.name.rsplit("-", 3)[1:3]), path.name
+
+
+def sweep_row(
+    rec: SweepRecord, elements: list[dict[str, str]], eval_losses: list[float | None], now: float
+) -> dict[str, str]:
+    """A sweep's row in the `status` table (see the module docstring), from its elements' rows."""
+    counts = {state: sum(1 for r in elements if r["state"] == state) for state in RunState}
+    finished = sum(counts[state] for state in FINAL_STATES)
+    scored = [loss for loss in eval_losses if loss is not None]
+    return {
+        "run": rec.sweep_id,
+        "state": "sweep",
+        "attempts": str(sum(int(r["attempts"]) for r in elements)),
+        "step": ", ".join(f"{n} {state.value}" for state, n in counts.items() if n) or "-",
+        "progress": progress_bar(finished, len(rec.elements)),
+        "loss": f"eval {min(scored):.4f}" if scored else "-",
+        "tokens/s": "-",
+        "eta": "-",
+        "age": human_age(now - rec.created),
+    }
+
+
 def list_status(
     home: Path, *, show_all: bool = False, recent: int = RECENT_FINISHED, now: float | None = None
 ) -> StatusTable:
-    """The `status` table of every run under `home` (see the module docstring): the active runs
-    polled (one scheduler query per backend), finished ones from the row cache when it is valid,
-    and by default only the `recent` most recently ended finished runs."""
+    """The `status` table of every run and sweep under `home` (see the module docstring): the
+    active runs and sweep elements polled (one scheduler query per backend for all), finished ones
+    from the row cache when it is valid, and by default only the `recent` most recently ended
+    finished runs and sweeps."""
     stamp = now if now is not None else time.time()
     cache = _read_row_cache(home)
     fresh: dict[str, Any] = {}
-    entries: list[tuple[Path, dict[str, Any] | None]] = []  # (run dir, valid cache entry or None)
-    for d in runs.list_runs(home):
-        hit = cache.get(d.name)
-        run_mtime = _mtime_ns(d / runs.RUN_FILE)
-        events_mtime = _mtime_ns(reports.events_path(d))
-        if (
-            isinstance(hit, dict)
-            and hit.get("run_mtime_ns") == run_mtime
-            and hit.get("events_mtime_ns") == events_mtime
-        ):
-            fresh[d.name] = hit
-            entries.append((d, hit))
-        else:
-            entries.append((d, None))
+    top = runs.list_runs(home)
+    swept = _sweeps(home)
+    elements = {sweep_dir / e.run_id for sweep_dir, sweep in swept for e in sweep.elements}
+    entries = [(d, _cached(cache, d)) for d in [*top, *sorted(elements)]]  # (run dir, entry or None)
+    fresh.update((d.name, hit) for d, hit in entries if hit is not None)
     views = {v.run_dir: v for v in poll([d for d, hit in entries if hit is None], now=stamp)}
     rows: dict[Path, dict[str, str]] = {}
     ended: dict[Path, float] = {}  # finished runs: when they ended
+    losses: dict[Path, float | None] = {}  # sweep elements: their latest eval loss
     for d, hit in entries:
         if hit is not None:
             rows[d] = {**hit["row"], "age": human_age(stamp - float(hit["created"]))}
             ended[d] = float(hit["ended"])
+            losses[d] = hit.get("eval_loss")
             continue
         view = views.get(d)
         if view is None:  # an unreadable run.json: poll warned about it
             continue
         (rows[d],) = table_rows([view], now=stamp)
+        losses[d] = last_eval_loss(d) if d in elements else None
         rec = view.record
         if rec.final:
             ended[d] = _ended(rec)
@@ -182,9 +234,19 @@ def list_status(
                     "ended": ended[d],
                     "created": rec.created,
                     "row": {k: v for k, v in rows[d].items() if k != "age"},
+                    **({"eval_loss": losses[d]} if d in elements else {}),
                 }
     if fresh != cache:
         _write_row_cache(home, fresh)
+    for sweep_dir, sweep in swept:  # its elements' rows become the sweep's one row
+        dirs = [sweep_dir / e.run_id for e in sweep.elements]
+        seen = [d for d in dirs if d in rows]
+        rows[sweep_dir] = sweep_row(sweep, [rows[d] for d in seen], [losses[d] for d in seen], stamp)
+        if dirs and all(d in ended for d in dirs):
+            ended[sweep_dir] = max(ended[d] for d in dirs)
+        for d in dirs:
+            rows.pop(d, None)
+            ended.pop(d, None)
     shown = set(rows)
     hidden = 0
     if not show_all:
@@ -192,12 +254,33 @@ def list_status(
         for d in newest[recent:]:
             shown.discard(d)
         hidden = max(0, len(newest) - recent)
+    order = sorted([*top, *(sweep_dir for sweep_dir, _ in swept)], key=_id_stamp) if swept else top
     return StatusTable(
-        rows=[rows[d] for d, _ in entries if d in shown],
+        rows=[rows[d] for d in order if d in shown],
         hidden_finished=hidden,
         polled=len(views),
         cached=sum(1 for _, hit in entries if hit is not None),
     )
+
+
+def table_lines(home: Path, *, show_all: bool = False) -> list[str]:
+    """`moe-orch status`: the table as aligned text lines, and a last line on the finished runs it
+    left out; no lines when `home` holds no run."""
+    listing = list_status(home, show_all=show_all)
+    lines = format_table(listing.rows)
+    if listing.hidden_finished:
+        lines.append(f"({listing.hidden_finished} older finished runs not shown; --all shows every run)")
+    return lines
+
+
+def details(run_dirs: list[Path]) -> list[dict[str, Any]]:
+    """`status [RUN] --json`: each run refreshed (one poll for all) and described (`run_detail`)."""
+    return [run_detail(view) for view in poll(run_dirs)]
+
+
+def run_lines(run_dir: Path) -> list[str]:
+    """`moe-orch status RUN`: the run refreshed and described as text (`detail_lines`)."""
+    return detail_lines(run_detail(poll([run_dir])[0]))
 
 
 def latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
