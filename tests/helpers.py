@@ -7,6 +7,7 @@ Every wait polls with a deadline and fails with what it last saw, never sleeps b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -133,6 +134,44 @@ def watch_until_final(run_id: str, home: Path, timeout: float = 300) -> tuple[di
     res = moe_orch("watch", run_id, "--interval", "2", home=home, timeout=timeout)
     assert res.returncode == 0, res.stdout + res.stderr
     return status_json(run_id, home), res.stdout
+
+
+def run_report(run_id: str, home: Path, tail: int = 30) -> str:
+    """What a user would look at for a run that went wrong: `moe-orch status RUN`, the last lines
+    of every rank's stdout and stderr (each attempt) and of events.jsonl, and the nodes' states."""
+    parts: list[str] = []
+    for title, args in (
+        ("status", ("status", run_id)),
+        ("logs", ("logs", run_id, "--tail", str(min(tail, 10)))),
+        ("logs --stderr", ("logs", run_id, "--stderr", "--tail", str(tail))),
+    ):
+        try:
+            res = moe_orch(*args, home=home, timeout=60)
+            text = res.stdout + res.stderr
+        except (OSError, subprocess.SubprocessError) as exc:
+            text = f"({exc})"
+        parts.append(f"--- moe-orch {title}\n{text.rstrip()}")
+    try:
+        lines = (home / run_id / "events.jsonl").read_text().splitlines()[-tail:]
+    except OSError as exc:
+        lines = [f"({exc})"]
+    parts.append("--- events.jsonl\n" + "\n".join(lines))
+    nodes = subprocess.run(
+        ["sinfo", "-N", "-h", "-o", "%N %T %E"], capture_output=True, text=True, check=False
+    )
+    parts.append(f"--- sinfo\n{(nodes.stdout + nodes.stderr).rstrip()}")
+    return "\n".join(parts)
+
+
+@contextlib.contextmanager
+def report_on_failure(run_id: str, home: Path) -> Iterator[None]:
+    """A failure inside (an assertion, a wait that timed out) also shows `run_report`: pytest
+    deletes old tmp folders, so the failure message is all that is left of a rare failure."""
+    try:
+        yield
+    except Exception as exc:
+        exc.add_note(run_report(run_id, home))
+        raise
 
 
 def train_losses(run_dir: Path) -> list[tuple[int, float]]:
