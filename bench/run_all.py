@@ -3,6 +3,8 @@
     python -m bench.run_all                       # all of them (about 10-15 minutes on 2 cores)
     python -m bench.run_all --only cli-latency checkpoint
     python -m bench.run_all --smoke               # each benchmark's --smoke mode (nothing written)
+    git archive REV | tar -x -C /tmp/before
+    python -m bench.run_all --before-tree /tmp/before   # + that tree's rows `[before]`, same run
 
 Each benchmark runs as its own process (`python -m bench.<module>`), exactly as when run alone,
 so one crash or one leaked process group cannot spoil the others; each writes
@@ -43,14 +45,15 @@ class Bench:
     name: str  # the results file's name: <date>-<name>.json
     module: str  # python -m bench.<module>
     needs_slurm: bool = False
+    before_tree: bool = False  # takes --before-tree DIR (rows `[before]`: that tree, in the same run)
 
 
 # In the issue's row order: CLI latency, training step, MoE layer, checkpoint, resume, preemption.
 BENCHES = (
-    Bench("cli-latency", "cli_latency"),
-    Bench("train-step", "train_step"),
+    Bench("cli-latency", "cli_latency", before_tree=True),
+    Bench("train-step", "train_step", before_tree=True),
     Bench("moe-layer", "moe_layer"),
-    Bench("checkpoint", "checkpoint"),
+    Bench("checkpoint", "checkpoint", before_tree=True),
     Bench("resume", "resume"),
     Bench("preemption", "preemption", needs_slurm=True),
     Bench("heartbeat", "heartbeat"),
@@ -62,13 +65,18 @@ def _today() -> str:
     return _dt.datetime.now(_dt.timezone.utc).date().isoformat()
 
 
-def run_one(bench: Bench, smoke: bool, results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
-    """Run one benchmark process; returns its status record (and its rows when it wrote them)."""
+def run_one(
+    bench: Bench, smoke: bool, results_dir: Path = RESULTS_DIR, before_tree: Path | None = None
+) -> dict[str, Any]:
+    """Run one benchmark process; returns its status record (and its rows when it wrote them).
+    `before_tree`: passed to the benchmarks that time an earlier source tree side by side."""
     from bench.preemption import cluster_up
 
     if bench.needs_slurm and not cluster_up():
         return {"status": "skipped", "reason": "localhost SLURM not up (source /tmp/slurm-local/env.sh)"}
     argv = [sys.executable, "-m", f"bench.{bench.module}", *(["--smoke"] if smoke else [])]
+    if before_tree is not None and bench.before_tree and not smoke:
+        argv += ["--before-tree", str(before_tree)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), DS_ACCELERATOR="cpu")
     started_at = time.time()
     start = time.perf_counter()
@@ -121,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--summary-only", action="store_true", help="run nothing; summarize today's results files"
     )
+    parser.add_argument(
+        "--before-tree", type=Path, default=None,
+        help="an earlier source tree (`git archive REV | tar -x -C DIR`): the cli-latency, train-step "
+        "and checkpoint benchmarks also time it, in the same run (rows `[before]`)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     chosen = [b for b in BENCHES if (not args.only or b.name in args.only) and b.name not in args.skip]
@@ -135,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 records[bench.name] = found
             continue
         print(f"== {bench.name} ({'smoke' if args.smoke else 'full'})", flush=True)
-        records[bench.name] = run_one(bench, args.smoke)
+        records[bench.name] = run_one(bench, args.smoke, before_tree=args.before_tree)
         rec = records[bench.name]
         status = f"{rec['status']} {rec.get('wall_s', '')} s {rec.get('reason', '')}"
         print(f"== {bench.name}: {status}", flush=True)
