@@ -156,11 +156,25 @@ sl_lock() {
 }
 
 # sl_spawn <outfile> <command>...: run a self-daemonizing program detached from our stdin,
-# stdout, stderr and lock, so callers that capture output (CI, subprocess) do not hang.
+# stdout, stderr and every other descriptor, so callers that capture output (CI, subprocess) do
+# not hang and no daemon holds a lock: ours (fd 9) or a caller's (`flock FILE start.sh` hands its
+# lock's descriptor down; a daemon keeping it held FILE for as long as the cluster ran).
 sl_spawn() {
   local outfile="$1"
   shift
-  "$@" </dev/null >>"$outfile" 2>&1 9>&-
+  (
+    sl_close_fds
+    exec "$@" </dev/null >>"$outfile" 2>&1
+  )
+}
+
+# sl_close_fds: close every descriptor above 2 of the current (sub)shell.
+sl_close_fds() {
+  local fd
+  for fd in /proc/$BASHPID/fd/*; do
+    fd=${fd##*/}
+    if ((fd > 2)); then eval "exec $fd>&-" 2>/dev/null || true; fi
+  done
 }
 
 sl_hosts_remove() { sl_hosts_set ""; }

@@ -332,11 +332,14 @@ if ((ACCOUNTING)); then
   fi
   if ! sl_alive "$D/run/mysqld.pid" mariadbd; then
     rm -f "$mysql_sock"
-    # mariadbd does not daemonize itself: setsid + & detaches it.
-    setsid mariadbd --no-defaults --datadir="$D/mysql/data" --port="$DB_PORT" --bind-address=127.0.0.1 \
-      --socket="$mysql_sock" --pid-file="$D/run/mysqld.pid" --user=root \
-      --log-error="$D/log/mariadb.log" --innodb-lock-wait-timeout=900 \
-      </dev/null >>"$D/log/mariadb.out" 2>&1 9>&- &
+    # mariadbd does not daemonize itself: setsid + & detaches it (no descriptor of ours: sl_spawn).
+    (
+      sl_close_fds
+      exec setsid mariadbd --no-defaults --datadir="$D/mysql/data" --port="$DB_PORT" \
+        --bind-address=127.0.0.1 --socket="$mysql_sock" --pid-file="$D/run/mysqld.pid" --user=root \
+        --log-error="$D/log/mariadb.log" --innodb-lock-wait-timeout=900 \
+        </dev/null >>"$D/log/mariadb.out" 2>&1
+    ) &
     disown
   fi
   mysql_ok() { mariadb-admin --no-defaults --socket="$mysql_sock" -uroot ping; }
