@@ -28,12 +28,12 @@ def test_a_file_written_through_the_hashing_writer_loads_and_its_entry_is_the_fi
     import torch
     import xxhash
 
-    from worker.checkpoint import _write_hashed
+    from worker.checkpoint_engine import write_hashed
 
     weights = torch.arange(100_000, dtype=torch.float32)
     state = {"w": weights, "meta": {"step": 3}}
     path = tmp_path / "states.pt"
-    entry = _write_hashed(state, path).close()
+    entry = write_hashed(state, path).close()
     data = path.read_bytes()
     assert entry == {"xxh3_128": xxhash.xxh3_128(data).hexdigest(), "size": len(data)}
     loaded = torch.load(path, weights_only=False)
@@ -43,14 +43,14 @@ def test_a_file_written_through_the_hashing_writer_loads_and_its_entry_is_the_fi
 def test_the_snapshot_is_a_cpu_copy_that_later_steps_do_not_change_and_keeps_shared_objects() -> None:
     import torch
 
-    from worker.checkpoint import _cpu_snapshot
+    from worker.checkpoint_engine import cpu_snapshot
 
     Pair = namedtuple("Pair", "a b")
     weight = torch.ones(4)
     shapes = OrderedDict(w=torch.Size([4]))
     lr = [0.1]
     state = {"module": OrderedDict(w=weight), "pair": Pair(weight, 2), "shapes": [shapes, shapes], "lr": lr}
-    snap = _cpu_snapshot(state)
+    snap = cpu_snapshot(state)
     weight.add_(1.0)  # the next optimizer step, in place
     lr[0] = 0.2
     assert torch.equal(snap["module"]["w"], torch.ones(4)) and snap["lr"] == [0.1]
@@ -62,13 +62,13 @@ def test_the_snapshot_is_a_cpu_copy_that_later_steps_do_not_change_and_keeps_sha
 def test_the_next_snapshot_copies_into_the_previous_ones_buffers_and_a_new_shape_gets_a_new_one() -> None:
     import torch
 
-    from worker.checkpoint import SnapshotBuffers, _cpu_snapshot
+    from worker.checkpoint_engine import SnapshotBuffers, cpu_snapshot
 
     buffers = SnapshotBuffers()
     moments = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     state = {"exp_avg": moments, "step": 1, "view": moments.t()}
     buffers.start_file("optim_states.pt")
-    first = _cpu_snapshot(state, buffers=buffers)
+    first = cpu_snapshot(state, buffers=buffers)
     pointers = {key: first[key].data_ptr() for key in ("exp_avg", "view")}
     assert buffers.nbytes() == 2 * 6 * 4
     assert first["view"].stride() == moments.t().stride()  # a dense view keeps its strides, as clone()
@@ -76,13 +76,13 @@ def test_the_next_snapshot_copies_into_the_previous_ones_buffers_and_a_new_shape
     moments.mul_(10.0)  # the next optimizer step
     assert torch.equal(first["exp_avg"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
     buffers.start_file("optim_states.pt")  # the next save, once the first is written
-    second = _cpu_snapshot(state, buffers=buffers)
+    second = cpu_snapshot(state, buffers=buffers)
     assert {key: second[key].data_ptr() for key in ("exp_avg", "view")} == pointers  # no new memory
     assert torch.equal(second["exp_avg"], moments) and torch.equal(second["view"], moments.t())
 
     state["exp_avg"] = torch.zeros(4)
     buffers.start_file("optim_states.pt")
-    third = _cpu_snapshot(state, buffers=buffers)
+    third = cpu_snapshot(state, buffers=buffers)
     assert third["exp_avg"].shape == (4,) and third["exp_avg"].data_ptr() != pointers["exp_avg"]
 
 
@@ -91,7 +91,7 @@ def test_a_mapped_load_leaves_no_optimizer_state_backed_by_the_file(tmp_path: Pa
     load they are copied into the moments the optimizer had (or cloned when it had none)."""
     import torch
 
-    from worker.checkpoint import HashingCheckpointEngine, _optimizer_tensors, _own_loaded_state
+    from worker.checkpoint_engine import HashingCheckpointEngine, optimizer_tensors, own_loaded_state
 
     def trained(seed: int) -> torch.optim.Optimizer:
         torch.manual_seed(seed)
@@ -107,12 +107,12 @@ def test_a_mapped_load_leaves_no_optimizer_state_backed_by_the_file(tmp_path: Pa
     for optimizer in (trained(1), torch.optim.AdamW([torch.nn.Parameter(torch.zeros(64))], lr=0.1)):
         engine = HashingCheckpointEngine(inner=None)
         engine.mapped = set()
-        before = _optimizer_tensors(optimizer)
+        before = optimizer_tensors(optimizer)
         optimizer.load_state_dict(engine.load(str(path), map_location="cpu")["optimizer"])
         state = next(iter(optimizer.state.values()))
         assert state["exp_avg"].untyped_storage().data_ptr() in engine.mapped  # file-backed
-        _own_loaded_state(optimizer, engine.mapped, before)
-        for (param_id, key), value in _optimizer_tensors(optimizer).items():
+        own_loaded_state(optimizer, engine.mapped, before)
+        for (param_id, key), value in optimizer_tensors(optimizer).items():
             assert value.untyped_storage().data_ptr() not in engine.mapped
             if before:  # the moments it had, now holding the loaded values
                 assert value is before[(param_id, key)]
