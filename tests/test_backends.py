@@ -4,6 +4,7 @@ a fake SLURM or this machine's processes, and the in-job side every rank imports
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +18,13 @@ from fakes import FakeSlurm
 from helpers import REPO
 
 from orchestrator.backends import EXECUTORS, backend_for
-from orchestrator.backends.local import LocalBackend, LocalObservation, LocalRunningJob, controller_alive
+from orchestrator.backends.local import (
+    LocalBackend,
+    LocalObservation,
+    LocalRunningJob,
+    children_take_sigint,
+    controller_alive,
+)
 from orchestrator.backends.slurm import scheduler
 from orchestrator.backends.slurm.backend import SlurmBackend, SlurmObservation
 from orchestrator.backends.slurm.injob import SlurmRunningJob
@@ -171,9 +178,11 @@ def test_a_local_job_is_alive_only_while_its_submitit_controller_runs(tmp_path: 
 
 
 def test_a_local_controller_pid_is_recognised(tmp_path: Path) -> None:
-    # A process whose command line names submitit, like `python -m submitit.local._local <folder>`.
+    # A process whose command line names submitit, like `python -m submitit.local._local <folder>`,
+    # started as the local executor starts its controllers.
     code = "import time; time.sleep(30)  # submitit"
-    proc = subprocess.Popen([sys.executable, "-c", code])
+    with children_take_sigint():
+        proc = subprocess.Popen([sys.executable, "-c", code])
     try:
         deadline = time.time() + 10
         while not controller_alive(str(proc.pid)) and time.time() < deadline:
@@ -186,6 +195,30 @@ def test_a_local_controller_pid_is_recognised(tmp_path: Path) -> None:
         proc.kill()
         proc.wait()
     assert not controller_alive(str(proc.pid))
+
+
+def _ignores_sigint(pid: int) -> bool:
+    mask = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("SigIgn:"))
+    return bool(int(mask.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+
+
+def test_a_local_controller_takes_sigint_even_from_a_submitter_that_ignores_it() -> None:
+    # `nohup moe-orch submit ... &` (or any background job of a script) ignores SIGINT, and an
+    # ignored signal stays ignored in the children: the controller would never see `cancel`.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+        plain = subprocess.Popen(sleeper)
+        with children_take_sigint():
+            controller = subprocess.Popen(sleeper)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # this process: as it was
+        time.sleep(0.3)  # both have exec'd
+        assert _ignores_sigint(plain.pid) and not _ignores_sigint(controller.pid)
+        for proc in (plain, controller):
+            proc.kill()
+            proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_the_submitit_parameters_of_each_backend(tmp_path: Path) -> None:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import moe_orch
+from helpers import REPO, moe_orch, status_json
+
+from orchestrator.backends.local import controller_alive
 
 pytestmark = pytest.mark.slow
 Run = tuple[Path, str, subprocess.CompletedProcess[str]]  # home, run id, the `submit --wait` result
@@ -65,3 +71,30 @@ def test_plot_writes_a_png(completed_run: Run, tmp_path: Path) -> None:
     res = moe_orch("plot", run_id, "--out", str(out), home=home)
     assert res.returncode == 0, res.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cancel_stops_a_local_run_submitted_from_a_process_that_ignores_sigint(tmp_path: Path) -> None:
+    # `nohup moe-orch submit ... &` or a script's background job ignores SIGINT, and children keep an
+    # ignored signal: cancel's SIGINT must still reach the local controller (backends/local.py).
+    env = dict(os.environ, MOE_ORCH_HOME=str(tmp_path), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    out = tmp_path / "submit.out"
+    with out.open("w") as fh:  # a file, not a pipe: the controller it starts keeps its stdout
+        code = subprocess.call(
+            [sys.executable, "-m", "orchestrator.cli", "submit", "configs/tiny-cpu.yaml",
+             "--set", "training.max_steps=100000"],
+            cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=120,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )  # fmt: skip
+    assert code == 0, out.read_text()
+    run_id = out.read_text().splitlines()[0].strip()
+    job = status_json(run_id, tmp_path)["attempts"][0]["job_id"]
+    assert controller_alive(job)
+    cancelled = moe_orch("cancel", run_id, home=tmp_path)
+    assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+    deadline = time.time() + 60
+    while controller_alive(job) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not controller_alive(job), "the controller ignored cancel's SIGINT"
+    record = status_json(run_id, tmp_path)
+    assert record["state"] == "cancelled"
+    assert record["attempts"][0]["stop_reason"] == "cancelled"

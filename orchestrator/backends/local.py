@@ -11,11 +11,13 @@ Inside the job (`LocalRunningJob`, every rank; standard library only): the time 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +39,29 @@ TIMEOUT_ENV = "SUBMITIT_LOCAL_TIMEOUT_S"
 
 
 # --- login node --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def children_take_sigint() -> Iterator[None]:
+    """Processes started inside this block get SIGINT's default handling, even where this process
+    ignores it.
+
+    NOTE: a process started with SIGINT ignored (`nohup moe-orch submit ... &`, a background job of a
+    script: bash ignores SIGINT in those) hands the ignore down to submitit's local controller, and
+    Python keeps an inherited ignore: `cancel`'s SIGINT would never reach the controller. The
+    disposition is process-wide, so it changes only in the main thread and only for the block.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) != signal.SIG_IGN
+    ):
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def controller_alive(jid: str) -> bool:
@@ -144,7 +169,14 @@ class LocalBackend:
     ) -> Any:
         import submitit
 
-        local = submitit.LocalExecutor(folder=folder)
+        class _InterruptibleLocalExecutor(submitit.LocalExecutor):
+            """submitit's LocalExecutor whose controllers take `cancel`'s SIGINT."""
+
+            def _internal_process_submissions(self, submissions: Any) -> Any:
+                with children_take_sigint():
+                    return super()._internal_process_submissions(submissions)
+
+        local = _InterruptibleLocalExecutor(folder=folder)
         local.update_parameters(**parameters)
         return local
 
