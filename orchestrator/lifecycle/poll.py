@@ -99,11 +99,11 @@ def poll(run_dirs: list[Path], *, now: float | None = None) -> list[RunView]:
         # NOTE: refreshed in memory first; run.json is rewritten (under its lock, fsynced) only
         # when that changed more than a liveness stamp: 500 running runs used to cost 500 fsyncs
         # per `status`.
-        liveness.apply(rec, known)
         trial: RunRecord = pickle.loads(pickle.dumps(rec))  # a deep copy (dataclasses.asdict is slow)
         refresh(trial)
-        if liveness.of(trial) != known:
-            new_sightings.setdefault(d.parent, {})[d.name] = liveness.of(trial)
+        seen_now = liveness.of(trial)
+        if seen_now != known:
+            new_sightings.setdefault(d.parent, {})[d.name] = seen_now
         if _same_record(rec, trial):
             views.append(RunView(d, trial, progress, observed[d]))
             continue

@@ -206,7 +206,8 @@ def list_status(
     fresh: dict[str, Any] = {}
     top = runs.list_runs(home)
     swept = _sweeps(home)
-    elements = {sweep_dir / e.run_id for sweep_dir, sweep in swept for e in sweep.elements}
+    members = {sweep_dir: [sweep_dir / e.run_id for e in sweep.elements] for sweep_dir, sweep in swept}
+    elements = {d for dirs in members.values() for d in dirs}
     entries = [(d, _cached(cache, d)) for d in [*top, *sorted(elements)]]  # (run dir, entry or None)
     fresh.update((d.name, hit) for d, hit in entries if hit is not None)
     views = {v.run_dir: v for v in poll([d for d, hit in entries if hit is None], now=stamp)}
@@ -239,7 +240,7 @@ def list_status(
     if fresh != cache:
         _write_row_cache(home, fresh)
     for sweep_dir, sweep in swept:  # its elements' rows become the sweep's one row
-        dirs = [sweep_dir / e.run_id for e in sweep.elements]
+        dirs = members[sweep_dir]
         seen = [d for d in dirs if d in rows]
         rows[sweep_dir] = sweep_row(sweep, [rows[d] for d in seen], [losses[d] for d in seen], stamp)
         if dirs and all(d in ended for d in dirs):
